@@ -1,0 +1,39 @@
+# diffmpc — every target creates .venv and installs the project on first use.
+# Override the pins with `make test CONSTRAINTS=my-constraints.txt` (e.g. a CUDA torch build).
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+OUT ?= runs
+
+.PHONY: demo test test-all bench bench-venv lint clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m diffmpc demo --out $(OUT)/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+# mpc.pytorch (`mpc`) pins numpy<2: it lives in its own environment, used only by the MPC benchmark.
+BENCH_VENV ?= .venv-bench
+bench-venv:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS) -e '.[bench]'
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

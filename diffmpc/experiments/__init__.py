@@ -1,0 +1,1 @@
+"""Paper experiments, one module each, run by the ``diffmpc`` command and the scripts in examples/."""
