@@ -19,8 +19,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (goes into every JSON)."""
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
@@ -42,9 +45,10 @@ def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> dict[str,
 
 
 def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes of tensor memory allocated while running ``fn()``.
 
-    allocations of tensor storage through ``PyMem``? It does not; so on CPU we measure the growth of the
-    process's resident set via torch's profiler memory events instead.
+    On GPU: the CUDA caching allocator's peak. On CPU: torch's profiler records every tensor allocation and
+    free; the running sum's maximum is the peak.
     """
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -64,8 +68,14 @@ def peak_memory(fn: Callable[[], Any]) -> int:
     return int(peak)
 
 
-def write_table(name: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any], columns: Sequence[str],
-                title: str = "", notes: str = "") -> Path:
+def write_table(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+    columns: Sequence[str],
+    title: str = "",
+    notes: str = "",
+) -> Path:
     """Write ``results/<name>.json`` (rows + meta + machine) and ``results/<name>.md`` (a markdown table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "meta": meta, "machine": machine(), "rows": list(rows)}

@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 # Application layers are imported on first use (keeps `import diffmpc` light and independent of them).
 _LAZY = {
-    "dare": "lqr", "dlqr": "lqr",
+    "dare": "lqr",
+    "dlqr": "lqr",
     "MPC": "mpc",
     "odeint": "ode",
 }
@@ -32,8 +33,20 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'diffmpc' has no attribute {name!r}")
 
+
 __all__ = [
-    "argmin", "root", "ImplicitInfo", "ConvergenceWarning", "ConvergenceError",
-    "ARGMIN_BACKWARDS", "ROOT_BACKWARDS", "linalg", "solvers", "__version__",
-    "dare", "dlqr", "MPC", "odeint",
+    "argmin",
+    "root",
+    "ImplicitInfo",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "ARGMIN_BACKWARDS",
+    "ROOT_BACKWARDS",
+    "linalg",
+    "solvers",
+    "__version__",
+    "dare",
+    "dlqr",
+    "MPC",
+    "odeint",
 ]

@@ -43,8 +43,15 @@ from . import linalg
 from .linalg import SolveInfo, _norm
 from .solvers import default_tol, jacobian_products, make_minimizer, make_root_solver
 
-__all__ = ["argmin", "root", "ImplicitInfo", "ConvergenceWarning", "ConvergenceError",
-           "ARGMIN_BACKWARDS", "ROOT_BACKWARDS"]
+__all__ = [
+    "argmin",
+    "root",
+    "ImplicitInfo",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "ARGMIN_BACKWARDS",
+    "ROOT_BACKWARDS",
+]
 
 ARGMIN_BACKWARDS = ("cg", "minres", "dense", "unroll")
 ROOT_BACKWARDS = ("normal_cg", "gmres", "dense", "unroll")
@@ -93,8 +100,10 @@ def _check_y0(y0: Tensor) -> None:
     if not isinstance(y0, Tensor):
         raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}")
     if not y0.is_floating_point():
-        raise TypeError(f"y0 must be a floating-point tensor (the solution is continuous), got {y0.dtype}; "
-                        "pass e.g. y0.double() or y0.float()")
+        raise TypeError(
+            f"y0 must be a floating-point tensor (the solution is continuous), got {y0.dtype}; "
+            "pass e.g. y0.double() or y0.float()"
+        )
     if not bool(torch.isfinite(y0).all()):
         raise ValueError("y0 contains NaN or inf; start the solver from a finite point")
 
@@ -105,8 +114,10 @@ def _check_inputs(y0: Tensor, inputs: Sequence[Any]) -> None:
             if t.device != y0.device:
                 raise ValueError(f"input {i} is on {t.device} but y0 is on {y0.device}; move them together")
             if t.is_floating_point() and t.dtype != y0.dtype:
-                raise TypeError(f"input {i} has dtype {t.dtype} but y0 has {y0.dtype}; use one dtype "
-                                "(mixed precision makes the stationarity test meaningless)")
+                raise TypeError(
+                    f"input {i} has dtype {t.dtype} but y0 has {y0.dtype}; use one dtype "
+                    "(mixed precision makes the stationarity test meaningless)"
+                )
 
 
 def _module_params(fn: Any, params: Sequence[Tensor] | None) -> list[Tensor]:
@@ -124,8 +135,9 @@ def _as_batched(y0: Tensor, batched: bool):
 class _Spec:
     """Everything the autograd Function needs besides tensors (kept out of ``save_for_backward``)."""
 
-    def __init__(self, fun, inputs, tensor_slots, n_params, method, rtol, max_iter, damping, strict, info,
-                 kind):
+    def __init__(
+        self, fun, inputs, tensor_slots, n_params, method, rtol, max_iter, damping, strict, info, kind
+    ):
         self.fun, self.inputs, self.tensor_slots, self.n_params = fun, inputs, tensor_slots, n_params
         self.method, self.rtol, self.max_iter, self.damping = method, rtol, max_iter, damping
         self.strict, self.info, self.kind = strict, info, kind
@@ -177,8 +189,11 @@ class _ImplicitFunction(torch.autograd.Function):
                     rmatvec = lambda v, _m=jvp: _m(v) + spec.damping * v
             w, sinfo = _linear_solve(spec, matvec, rmatvec, grad_y)
             targets = [t for t in leaves if t.requires_grad] + spec.params
-            grads = torch.autograd.grad(residual_map, targets, grad_outputs=-w, allow_unused=True) \
-                if targets else []
+            grads = (
+                torch.autograd.grad(residual_map, targets, grad_outputs=-w, allow_unused=True)
+                if targets
+                else []
+            )
         spec.info.backward = sinfo
         spec.info.backward_calls += 1
         it = iter(grads)
@@ -199,15 +214,20 @@ def _linear_solve(spec: _Spec, matvec, rmatvec, rhs: Tensor) -> tuple[Tensor, So
         neg = _failing(mask, info.residual)
         spec.info.notes.append(f"negative curvature in CG for {neg}; re-solved with MINRES")
         info = info.merge(info2, mask)
-        warnings.warn(f"implicit backward: the Hessian is not positive definite for {neg}; the solution may be "
-                      "a saddle point, not a minimum. Re-solved those samples with MINRES.",
-                      ConvergenceWarning, stacklevel=3)
+        warnings.warn(
+            f"implicit backward: the Hessian is not positive definite for {neg}; the solution may be "
+            "a saddle point, not a minimum. Re-solved those samples with MINRES.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     if not bool(info.converged.all()):
         bad = ~info.converged
-        _report(f"implicit backward: the {info.method} linear solve did not converge for "
-                f"{_failing(bad, info.residual)} (residual ‖r‖; rtol={spec.rtol:g}). Gradients of these "
-                "samples are inaccurate; raise backward_max_iter, add damping, or use backward='dense'.",
-                spec.strict)
+        _report(
+            f"implicit backward: the {info.method} linear solve did not converge for "
+            f"{_failing(bad, info.residual)} (residual ‖r‖; rtol={spec.rtol:g}). Gradients of these "
+            "samples are inaccurate; raise backward_max_iter, add damping, or use backward='dense'.",
+            spec.strict,
+        )
     return w, info
 
 
@@ -216,18 +236,23 @@ def _check_finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} returned NaN or inf at the initial point; check the objective and y0")
 
 
-def _forward_check(kind: str, residual: Tensor, y_star: Tensor, tol: float, slack: float,
-                   strict: bool) -> Tensor:
+def _forward_check(
+    kind: str, residual: Tensor, y_star: Tensor, tol: float, slack: float, strict: bool
+) -> Tensor:
     if not bool(torch.isfinite(y_star).all()):
-        bad = ~torch.isfinite(y_star.flatten(1)).all(1)
-        raise ConvergenceError(f"{kind}: the forward solver returned NaN/inf for "
-                               f"{int(bad.sum())} of {bad.numel()} samples")
+        bad = ~torch.isfinite(y_star.reshape(y_star.shape[0], -1)).all(1)
+        raise ConvergenceError(
+            f"{kind}: the forward solver returned NaN/inf for {int(bad.sum())} of {bad.numel()} samples"
+        )
     converged = residual <= tol * slack
     if not bool(converged.all()):
         what = "‖∇f(y*)‖" if kind == "argmin" else "‖F(y*)‖"
-        _report(f"{kind}: the forward solve is not stationary for {_failing(~converged, residual)} "
-                f"({what}, tol={tol:g}). The implicit-function-theorem gradient is only valid at a stationary "
-                "point; raise the solver's max_iter, pass a better y0, or use a stronger solver.", strict)
+        _report(
+            f"{kind}: the forward solve is not stationary for {_failing(~converged, residual)} "
+            f"({what}, tol={tol:g}). The implicit-function-theorem gradient is only valid at a stationary "
+            "point; raise the solver's max_iter, pass a better y0, or use a stronger solver.",
+            strict,
+        )
     return converged
 
 
@@ -270,8 +295,8 @@ def argmin(
             has leading batch dim B (samples independent). An ``nn.Module`` gets gradients for its parameters.
         y0: initial guess (its shape is the solution's shape; it receives no gradient).
         inputs: tensors (gradients flow to those requiring grad) or any other objects passed through to f.
-        solver: ``"newton"`` (default), ``"gd"``, ``"lbfgs"``, a solver object with ``.minimize(fun, y0)``, or a
-            black-box callable ``solver(fun, y0) -> y`` where ``fun(y) = f(y, *inputs)``.
+        solver: ``"newton"`` (default), ``"gd"``, ``"lbfgs"``, a solver object with ``.minimize(fun, y0)``,
+            or a black-box callable ``solver(fun, y0) -> y`` where ``fun(y) = f(y, *inputs)``.
         backward: ``"cg"`` | ``"minres"`` | ``"dense"`` | ``"unroll"`` (see module docstring).
         tol: stationarity tolerance on ‖∇f(y*)‖ (per sample); defaults by dtype (1e-9 for float64, 1e-4
             for float32). A forward result above ``10·tol`` warns.
@@ -292,9 +317,11 @@ def argmin(
     elif probe.ndim == 1 and y0.ndim >= 1 and probe.shape[0] == y0.shape[0]:
         batched = True
     else:
-        raise ValueError(f"f returned scores of shape {tuple(probe.shape)}; expected () for an unbatched y of "
-                         f"shape {tuple(y0.shape)} or ({y0.shape[0] if y0.ndim else 'B'},) — one score per "
-                         "sample along y's leading dimension")
+        raise ValueError(
+            f"f returned scores of shape {tuple(probe.shape)}; expected () for an unbatched y of "
+            f"shape {tuple(y0.shape)} or ({y0.shape[0] if y0.ndim else 'B'},) — one score per "
+            "sample along y's leading dimension"
+        )
     _check_finite("f", probe)
     y0_b, unbatch = _as_batched(y0, batched)
 
@@ -307,7 +334,9 @@ def argmin(
     slv = make_minimizer(solver, tol_v)
     if backward == "unroll":
         if not hasattr(slv, "minimize"):
-            raise ValueError("backward='unroll' needs a torch solver ('newton', 'gd'); a black box cannot be unrolled")
+            raise ValueError(
+                "backward='unroll' needs a torch solver ('newton', 'gd'); a black box cannot be unrolled"
+            )
         with torch.enable_grad():
             y_b, iters = slv.minimize(lambda y: fun_b(y, *inputs), y0_b, differentiable=True)
     else:
@@ -323,16 +352,28 @@ def argmin(
         y_star = y_star.detach()
     with torch.enable_grad():
         yr = (y_b if backward == "unroll" else y_star).detach().requires_grad_()
-        (gr,) = torch.autograd.grad(fun_b(yr, *[t.detach() if isinstance(t, Tensor) else t for t in inputs])
-                                    .sum(), yr)
+        (gr,) = torch.autograd.grad(
+            fun_b(yr, *[t.detach() if isinstance(t, Tensor) else t for t in inputs]).sum(), yr
+        )
     residual = _norm(gr)
     converged = _forward_check("argmin", residual, yr.detach(), tol_v, 10.0, strict)
     info = ImplicitInfo(residual, iters, converged, tol_v)
     if backward == "unroll":
         out = y_b
     else:
-        out = _attach("argmin", fun_b, y_star, inputs, params_l, backward, rtol, backward_max_iter, damping,
-                      strict, info)
+        out = _attach(
+            "argmin",
+            fun_b,
+            y_star,
+            inputs,
+            params_l,
+            backward,
+            rtol,
+            backward_max_iter,
+            damping,
+            strict,
+            info,
+        )
     out = unbatch(out)
     return (out, info) if return_info else out
 
@@ -405,7 +446,8 @@ def root(
     if backward == "unroll":
         out = y_b
     else:
-        out = _attach("root", fun_b, y_star, inputs, params_l, backward, rtol, backward_max_iter, damping,
-                      strict, info)
+        out = _attach(
+            "root", fun_b, y_star, inputs, params_l, backward, rtol, backward_max_iter, damping, strict, info
+        )
     out = unbatch(out)
     return (out, info) if return_info else out

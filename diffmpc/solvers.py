@@ -34,8 +34,16 @@ from .linalg import _col, _dot, _norm
 Objective = Callable[[Tensor], Tensor]
 
 __all__ = [
-    "NewtonCG", "GradientDescent", "LBFGS", "NewtonRoot", "FixedPoint",
-    "MINIMIZERS", "ROOT_SOLVERS", "default_tol", "make_minimizer", "make_root_solver",
+    "NewtonCG",
+    "GradientDescent",
+    "LBFGS",
+    "NewtonRoot",
+    "FixedPoint",
+    "MINIMIZERS",
+    "ROOT_SOLVERS",
+    "default_tol",
+    "make_minimizer",
+    "make_root_solver",
 ]
 
 
@@ -80,12 +88,14 @@ class NewtonCG:
             if not bool(active.any()):
                 break
             with torch.set_grad_enabled(differentiable):
-                def hvp(v: Tensor) -> Tensor:
+
+                def hvp(v: Tensor, g: Tensor = g, yr: Tensor = yr) -> Tensor:
                     return torch.autograd.grad(g, yr, v, retain_graph=True, create_graph=differentiable)[0]
 
                 forcing = gnorm.sqrt().clamp(max=0.5).min().item()
-                d, _ = linalg.cg(hvp, -g if differentiable else -g.detach(), rtol=forcing,
-                                 max_iter=self.cg_max_iter)
+                d, _ = linalg.cg(
+                    hvp, -g if differentiable else -g.detach(), rtol=forcing, max_iter=self.cg_max_iter
+                )
                 slope = _dot(g.detach(), d.detach())
                 bad = (slope >= 0) | ~torch.isfinite(slope)
                 d = torch.where(_col(bad, d), -g, d)
@@ -150,9 +160,14 @@ class LBFGS:
             raise ValueError("LBFGS cannot be unrolled; use solver='newton' or 'gd' with backward='unroll'")
         tol = self.tol if self.tol is not None else default_tol(y0.dtype)
         y = y0.detach().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([y], max_iter=self.max_iter, history_size=self.history_size,
-                                tolerance_grad=tol / max(1, y0.shape[0]) ** 0.5, tolerance_change=0.0,
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [y],
+            max_iter=self.max_iter,
+            history_size=self.history_size,
+            tolerance_grad=tol / max(1, y0.shape[0]) ** 0.5,
+            tolerance_change=0.0,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             opt.zero_grad()
@@ -196,8 +211,14 @@ class NewtonRoot:
             jvp, vjp = jacobian_products(r, yr, create_graph=differentiable)
             rhs = -r if differentiable else -r.detach()
             with torch.set_grad_enabled(differentiable):
-                d, _ = linalg.solve(self.linear_solver, jvp, rhs, rmatvec=vjp, rtol=self.linear_rtol,
-                                    max_iter=self.linear_max_iter)
+                d, _ = linalg.solve(
+                    self.linear_solver,
+                    jvp,
+                    rhs,
+                    rmatvec=vjp,
+                    rtol=self.linear_rtol,
+                    max_iter=self.linear_max_iter,
+                )
             alpha = torch.ones_like(rn)
             ok = ~active
             with torch.no_grad():
@@ -268,13 +289,17 @@ def _make(solver, registry: dict, kind: str, method: str, tol: float | None):
         solver = "newton"
     if isinstance(solver, str):
         if solver not in registry:
-            raise ValueError(f"unknown {kind} solver {solver!r}; choose one of {sorted(registry)} "
-                             f"or pass a solver object / callable")
+            raise ValueError(
+                f"unknown {kind} solver {solver!r}; choose one of {sorted(registry)} "
+                f"or pass a solver object / callable"
+            )
         return registry[solver](tol=tol)
     if hasattr(solver, method) or callable(solver):
         return solver
-    raise TypeError(f"solver must be a name in {sorted(registry)}, an object with .{method}(), or a callable "
-                    f"(fun, y0) -> y; got {type(solver).__name__}")
+    raise TypeError(
+        f"solver must be a name in {sorted(registry)}, an object with .{method}(), or a callable "
+        f"(fun, y0) -> y; got {type(solver).__name__}"
+    )
 
 
 def make_minimizer(solver, tol: float | None = None):
