@@ -1,0 +1,323 @@
+"""PILCO cart-pole swing-up (Deisenroth & Rasmussen 2011; Gal et al. 2016), as used in the paper's Sec. 5.
+
+The physics lives in three batched, differentiable torch functions — :func:`cartpole_derivatives`,
+:func:`cartpole_dynamics` and :func:`cartpole_cost` — which the environment's ``step`` calls and which the
+expert / MPC use as the true model (one source of truth).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from .rendering import BLACK, BLUE, BROWN, GREEN, GREY, LIGHT_GREY, RED, Canvas, HumanViewer
+
+CART_MASS = 0.5  # M [kg]
+POLE_MASS = 0.5  # m [kg], a uniform rod
+POLE_LENGTH = 0.6  # l [m], full length of the rod (pivot to tip)
+FRICTION = 0.1  # b [N/(m/s)], viscous friction of the cart on the track
+GRAVITY = 9.82  # g [m/s^2] (PILCO's value)
+FORCE_SCALE = 10.0  # force [N] = FORCE_SCALE * action, action in [-1, 1]
+DT = 0.1  # control period [s] (zero-order hold)
+COST_WIDTH = 0.25  # width of the saturating cost [m]
+SUBSTEPS = 4  # RK4 substeps per control period (one-step error ~1e-8, see tests)
+STATE_DIM = 4
+ACTION_DIM = 1
+
+
+def cartpole_derivatives(
+    state: torch.Tensor,
+    force: torch.Tensor,
+    *,
+    cart_mass: float = CART_MASS,
+    pole_mass: float = POLE_MASS,
+    pole_length: float = POLE_LENGTH,
+    friction: float = FRICTION,
+    gravity: float = GRAVITY,
+) -> torch.Tensor:
+    r"""Continuous-time cart-pole vector field ``d/dt [x, ẋ, θ, θ̇]`` (PILCO's ``dynamics_cp`` equations).
+
+    With M the cart mass, m the (uniform-rod) pole mass, l the pole length, b the cart friction, f the force:
+
+    .. math::
+        \ddot x = \frac{2 m l \dot\theta^2 \sin\theta + 3 m g \sin\theta\cos\theta + 4 f - 4 b \dot x}
+                       {4 (M + m) - 3 m \cos^2\theta},\qquad
+        \ddot\theta = \frac{-3 m l \dot\theta^2 \sin\theta\cos\theta - 6 (M + m) g \sin\theta
+                            - 6 (f - b \dot x)\cos\theta}{4 l (M + m) - 3 m l \cos^2\theta}.
+
+    θ = 0 hangs down, θ = π is upright.
+
+    Args:
+        state: ``(..., 4)`` tensor ``[x, ẋ, θ, θ̇]``.
+        force: ``(...)`` tensor of horizontal forces in newtons, broadcastable with ``state[..., 0]``.
+
+    Returns:
+        ``(..., 4)`` tensor ``[ẋ, ẍ, θ̇, θ̈]`` (leading dims broadcast).
+    """
+    M, m, l, b, g = cart_mass, pole_mass, pole_length, friction, gravity
+    _, xd, th, thd = state.unbind(-1)
+    s, c = torch.sin(th), torch.cos(th)
+    fb = force - b * xd  # net horizontal force on the cart (f - b ẋ)
+    den = 4.0 * (M + m) - (3.0 * m) * (c * c)
+    w2s = thd * thd * s
+    xdd = ((2.0 * m * l) * w2s + (3.0 * m * g) * (s * c) + 4.0 * fb) / den
+    thdd = -((3.0 * m * l) * w2s * c + (6.0 * (M + m) * g) * s + 6.0 * fb * c) / (l * den)
+    return torch.stack(torch.broadcast_tensors(xd, xdd, thd, thdd), dim=-1)
+
+
+def cartpole_dynamics(
+    state: torch.Tensor,
+    action: torch.Tensor,
+    dt: float = DT,
+    substeps: int = SUBSTEPS,
+    **physics: float,
+) -> torch.Tensor:
+    r"""Discrete-time cart-pole map ``x_{t+1} = F(x_t, u_t)``: zero-order hold of ``f = FORCE_SCALE · u`` over
+    ``dt``, integrated with ``substeps`` classical Runge–Kutta (RK4) steps.
+
+    Batched over any leading dims (``state`` and ``action`` broadcast), differentiable, dtype/device agnostic.
+    The action is **not** clipped here (the environment clips to its Box; planners handle bounds).
+
+    Args:
+        state: ``(..., 4)`` tensor ``[x, ẋ, θ, θ̇]``.
+        action: ``(..., 1)`` tensor in action units (``[-1, 1]`` is the admissible set).
+        dt: hold period in seconds (default 0.1 s).
+        substeps: RK4 steps per period (default 4, one-step error ~1e-8 vs. a tight-tolerance reference).
+        **physics: overrides for :func:`cartpole_derivatives` (``friction=0.0`` etc.).
+
+    Returns:
+        ``(..., 4)`` next state.
+    """
+    if state.shape[-1:] != (STATE_DIM,):
+        raise ValueError(f"cart-pole state must have a last dimension of 4, got shape {tuple(state.shape)}")
+    if action.shape[-1:] != (ACTION_DIM,):
+        raise ValueError(f"cart-pole action must have a last dimension of 1, got shape {tuple(action.shape)}")
+    if substeps < 1:
+        raise ValueError(f"substeps must be >= 1, got {substeps}")
+    force = FORCE_SCALE * action[..., 0]
+    shape = torch.broadcast_shapes(state.shape[:-1], force.shape)
+    if state.shape[:-1] != shape:
+        state = state.expand(*shape, STATE_DIM)
+    h = dt / substeps
+    x = state
+    for _ in range(substeps):
+        k1 = cartpole_derivatives(x, force, **physics)
+        k2 = cartpole_derivatives(torch.add(x, k1, alpha=h / 2), force, **physics)
+        k3 = cartpole_derivatives(torch.add(x, k2, alpha=h / 2), force, **physics)
+        k4 = cartpole_derivatives(torch.add(x, k3, alpha=h), force, **physics)
+        x = x + (h / 6) * (k1 + 2.0 * (k2 + k3) + k4)
+    return x
+
+
+def cartpole_tip(state: torch.Tensor, pole_length: float = POLE_LENGTH) -> torch.Tensor:
+    """Pole-tip position ``(x + l sinθ, −l cosθ)`` as a ``(..., 2)`` tensor."""
+    th = state[..., 2]
+    return torch.stack((state[..., 0] + pole_length * torch.sin(th), -pole_length * torch.cos(th)), dim=-1)
+
+
+def cartpole_cost(state: torch.Tensor, width: float = COST_WIDTH) -> torch.Tensor:
+    r"""PILCO saturating cost ``1 − exp(−d² / (2 w²))``, d the distance of the pole tip from the upright tip.
+
+    The tip is at ``(x + l sinθ, −l cosθ)`` and the upright tip at ``(0, l)``, so
+    ``d² = (x + l sinθ)² + l² (1 + cosθ)²``. Batched: ``(..., 4) → (...)``, values in ``[0, 1)``.
+    """
+    if state.shape[-1:] != (STATE_DIM,):
+        raise ValueError(f"cart-pole state must have a last dimension of 4, got shape {tuple(state.shape)}")
+    l = POLE_LENGTH
+    th = state[..., 2]
+    dx = state[..., 0] + l * torch.sin(th)
+    dy = l * (1.0 + torch.cos(th))
+    return 1.0 - torch.exp((dx * dx + dy * dy) * (-0.5 / (width * width)))
+
+
+def cartpole_energy(
+    state: torch.Tensor,
+    *,
+    cart_mass: float = CART_MASS,
+    pole_mass: float = POLE_MASS,
+    pole_length: float = POLE_LENGTH,
+    gravity: float = GRAVITY,
+) -> torch.Tensor:
+    r"""Total mechanical energy of cart + uniform rod (conserved when ``friction = 0`` and ``f = 0``).
+
+    ``E = ½ (M+m) ẋ² + ½ m l ẋ θ̇ cosθ + (1/6) m l² θ̇² − ½ m g l cosθ``.
+    """
+    M, m, l, g = cart_mass, pole_mass, pole_length, gravity
+    _, xd, th, thd = state.unbind(-1)
+    c = torch.cos(th)
+    return 0.5 * (M + m) * xd**2 + 0.5 * m * l * xd * thd * c + m * l**2 * thd**2 / 6.0 - 0.5 * m * g * l * c
+
+
+def _check_action(action: Any, dim: int) -> np.ndarray:
+    a = np.asarray(action, dtype=np.float64)
+    if a.size != dim:
+        raise ValueError(f"action must have {dim} element(s), got shape {a.shape}")
+    a = a.reshape(dim)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"action must be finite, got {a.tolist()}")
+    return a
+
+
+class CartPoleSwingUpEnv(gym.Env):
+    r"""Cart-pole swing-up with PILCO's physics and saturating cost (the paper's Sec. 5 benchmark).
+
+    ## Description
+    A uniform rod (pole) is hinged to a cart that moves along a frictional, unbounded track. The pole starts
+    hanging down; the goal is to swing it up and balance it above the cart, with the cart near ``x = 0``.
+    Dynamics (``cartpole_derivatives``): M = 0.5 kg cart, m = 0.5 kg pole of length l = 0.6 m, cart friction
+    b = 0.1 N s/m, g = 9.82 m/s². The force ``10 N × action`` is held constant for dt = 0.1 s and integrated
+    with 4 RK4 substeps (``cartpole_dynamics``; one-step error ≈ 1e-8).
+
+    ## Action space
+    ``Box(-1, 1, (1,), float32)``: force in units of 10 N. Actions outside the box are **clipped** to it; a
+    NaN/inf action raises ``ValueError``.
+
+    ## Observation space
+    ``Box(-inf, inf, (4,), float32)``:
+
+    | index | observation             | unit  |
+    |-------|-------------------------|-------|
+    | 0     | cart position x         | m     |
+    | 1     | cart velocity ẋ         | m/s   |
+    | 2     | pole angle θ (0 = down, π = up; not wrapped) | rad |
+    | 3     | pole angular velocity θ̇ | rad/s |
+
+    The internal state is float64; the observation is its float32 copy (the exact state is ``info["state"]``).
+
+    ## Reward
+    ``reward = −cost`` with the PILCO saturating cost of the state *after* the step
+    ``cost = 1 − exp(−d² / (2 · 0.25²))``, d the distance of the pole tip ``(x + l sinθ, −l cosθ)`` from the
+    upright tip ``(0, l)`` (``cartpole_cost``); ``info["cost"]`` carries it. Per step cost ∈ [0, 1).
+
+    ## Starting state
+    ``x₀ ~ N(start_mean, start_variance)``: by default mean 0 (hanging, at rest) and covariance 0.04·I (the
+    paper's high-variance test uses 0.08·I). ``reset(options={"state": s})`` starts exactly at ``s``.
+
+    ## Episode end
+    Never terminates. ``diffmpc/CartPoleSwingUp-v0`` truncates after 40 steps (4 s) via ``TimeLimit``.
+
+    ## Arguments
+    ``gymnasium.make("diffmpc/CartPoleSwingUp-v0", render_mode=None, start_variance=0.04, start_mean=None)``
+    - ``render_mode``: ``None``, ``"rgb_array"`` (H×W×3 uint8, drawn headless with numpy) or ``"human"``
+      (matplotlib window).
+    - ``start_variance``: scalar (× I), length-4 diagonal, or 4×4 covariance of the start distribution.
+    - ``start_mean``: length-4 mean of the start distribution (default zeros).
+    - ``width``, ``height``: frame size in pixels (default 480×320, multiples of 16 for video codecs).
+
+    ## Version history
+    - v0: initial version (PILCO equations, RK4 zero-order hold, saturating cost on the next state).
+    """
+
+    metadata = {"render_modes": ["human", "rgb_array"], "render_fps": int(round(1.0 / DT))}
+
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        start_variance: float | np.ndarray = 0.04,
+        start_mean: np.ndarray | None = None,
+        width: int = 480,
+        height: int = 320,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be in {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.start_mean = np.zeros(4) if start_mean is None else np.asarray(start_mean, dtype=np.float64)
+        if self.start_mean.shape != (4,):
+            raise ValueError(f"start_mean must have shape (4,), got {self.start_mean.shape}")
+        self.start_cov = _covariance(start_variance, 4)
+        self.width, self.height = int(width), int(height)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(4,), dtype=np.float32)
+        self.state = np.zeros(4)
+        self._viewer: HumanViewer | None = None
+        self._last_action = 0.0
+
+    # --- gymnasium API ---------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        if options.get("state") is not None:
+            state = np.asarray(options["state"], dtype=np.float64)
+            if state.shape != (4,) or not np.all(np.isfinite(state)):
+                raise ValueError(f"options['state'] must be 4 finite numbers [x, ẋ, θ, θ̇], got {state}")
+            self.state = state.copy()
+        else:
+            self.state = self.np_random.multivariate_normal(self.start_mean, self.start_cov)
+        self._last_action = 0.0
+        if self.render_mode == "human":
+            self.render()
+        return self.state.astype(np.float32), {"state": self.state.copy()}
+
+    def step(self, action):
+        a = _check_action(action, 1)
+        a = np.clip(a, self.action_space.low, self.action_space.high)
+        with torch.no_grad():
+            nxt = cartpole_dynamics(torch.from_numpy(self.state), torch.from_numpy(a))
+            cost = float(cartpole_cost(nxt))
+        self.state = nxt.numpy().copy()
+        self._last_action = float(a[0])
+        if self.render_mode == "human":
+            self.render()
+        info = {"cost": cost, "state": self.state.copy(), "action": a.copy()}
+        return self.state.astype(np.float32), -cost, False, False, info
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' to make()")
+            return None
+        frame = draw_cartpole(self.state, self._last_action, self.width, self.height)
+        if self.render_mode == "rgb_array":
+            return frame
+        if self._viewer is None:
+            self._viewer = HumanViewer("CartPoleSwingUp")
+        self._viewer.show(frame, self.metadata["render_fps"])
+        return None
+
+    def close(self) -> None:
+        if self._viewer is not None:
+            self._viewer.close()
+            self._viewer = None
+
+
+def draw_cartpole(state: np.ndarray, action: float = 0.0, width: int = 480, height: int = 320) -> np.ndarray:
+    """Draw a cart-pole state as an ``height×width×3`` uint8 frame (world window x ∈ [−2.4, 2.4] m)."""
+    half_w = 2.4
+    half_h = half_w * height / width
+    y_track = -0.35
+    cv = Canvas(width, height, (-half_w, half_w), (y_track - 0.35 * half_h, y_track + 1.65 * half_h))
+    x, _, th, _ = (float(v) for v in state)
+    cv.hline(y_track - 0.06, GREY, 2)  # track
+    for tick in np.arange(-2.0, 2.01, 0.5):
+        cv.line(tick, y_track - 0.06, tick, y_track - 0.12, 0.01, GREY)
+    cv.vline(0.0, LIGHT_GREY)
+    l = POLE_LENGTH
+    cv.circle(0.0, l, 0.04, GREEN)  # target: the upright tip
+    cart_w, cart_h = 0.4, 0.12
+    cv.rect(x, 0.0, cart_w, cart_h, BLACK)
+    # force arrow
+    if action != 0.0:
+        cv.line(x, 0.0, x + 0.4 * action, 0.0, 0.03, RED)
+    tip_x, tip_y = x + l * math.sin(th), -l * math.cos(th)
+    cv.line(x, 0.0, tip_x, tip_y, 0.05, BROWN)
+    cv.circle(x, 0.0, 0.025, BLUE)
+    return cv.image
+
+
+def _covariance(var: float | np.ndarray, n: int) -> np.ndarray:
+    v = np.asarray(var, dtype=np.float64)
+    if v.ndim == 0:
+        cov = float(v) * np.eye(n)
+    elif v.shape == (n,):
+        cov = np.diag(v)
+    elif v.shape == (n, n):
+        cov = v.copy()
+    else:
+        raise ValueError(f"start_variance must be a scalar, a length-{n} vector or {n}x{n}, got {v.shape}")
+    if not np.all(np.isfinite(cov)) or np.any(np.linalg.eigvalsh((cov + cov.T) / 2) < -1e-12):
+        raise ValueError("start_variance must be finite and positive semi-definite")
+    return cov
