@@ -1,0 +1,354 @@
+r"""Differentiable infinite-horizon discrete-time LQR: :func:`dare` and :func:`dlqr`.
+
+**Forward.** The stabilising solution S of the discrete algebraic Riccati equation (DARE)
+
+.. math::  F(S; A, B, Q, R) = AᵀSA − S − AᵀSB\,(R + BᵀSB)^{-1}BᵀSA + Q = 0           \qquad (1)
+
+is found by ``scipy.linalg.solve_discrete_are`` (a QZ method, in float64 on the CPU; the result goes back
+to the inputs' dtype and device) and then *checked*: finite, symmetric, small residual (1), and stabilising,
+ρ(A − BK) < 1 with the gain
+
+.. math::  K = (R + BᵀSB)^{-1} BᵀSA, \qquad u = −Kx.                                       \qquad (2)
+
+A failed check raises a typed :class:`LQRError` (never a garbage matrix): :class:`NotStabilizableError` if
+(A, B) fails the PBH test ``rank[A − λI, B] = n`` for some ``|λ| ≥ 1``, otherwise
+:class:`NoStabilizingSolutionError` (e.g. A = B = R = 1, Q = 0, where scipy silently returns S = 0 although
+ρ(A − BK) = 1). Only the symmetric parts of Q and R matter (they enter as xᵀQx, uᵀRu), so both are
+symmetrised first; sym(R) must be positive definite (:class:`NotPositiveDefiniteError`).
+
+**Backward** (the implicit function theorem on (1), paper Sec. 2). With A_cl = A − BK, the Jacobian of
+(1) in S is the Stein operator ``J(X) = A_clᵀ X A_cl − X`` (the terms through K cancel because K minimises
+the Bellman right-hand side), and the partial differential of F at fixed S is
+
+.. math::  ∂F = ∂Q + Kᵀ ∂R\, K + A_clᵀ S(∂A − ∂B\,K) + (∂A − ∂B\,K)ᵀ S A_cl.                \qquad (3)
+
+For an upstream gradient G = ∂L/∂S (symmetrised), the IFT gives ``∂L/∂θ = −wᵀ ∂F/∂θ`` with ``Jᵀw = G``.
+``backward`` selects how that linear system is solved:
+
+==============  ============================================================================================
+``"lyapunov"``  default: ``−w = Y`` solves one discrete Lyapunov (Stein) equation ``Y = A_cl Y A_clᵀ + G``
+                (batched torch squared Smith / doubling iteration, O(n³ log κ)), then (3) in closed form:
+                ``∂L/∂Q = Y``, ``∂L/∂R = K Y Kᵀ``, ``∂L/∂A = 2 S A_cl Y``, ``∂L/∂B = −2 S A_cl Y Kᵀ``.
+``"cg"``        the paper's matrix-free IFT: Jᵀw = G by CG on the normal equations (J is not symmetric),
+                J and Jᵀ as autograd JVP/VJP of the Riccati residual (1); ``−wᵀ∂F/∂θ`` as one more VJP.
+``"gmres"``     as ``"cg"`` but restarted GMRES on Jᵀ (needs only VJPs).
+``"dense"``     the naive IFT: the explicit n²×n² Jacobian ∂F/∂S (n² autograd VJPs) and a dense solve, O(n⁶).
+``"analytic"``  East et al. (2020)'s closed form: the full Kronecker-product Jacobians
+                ``∂vec S/∂vec θ = (I − A_clᵀ⊗A_clᵀ)^{-1} ∂vec F/∂vec θ`` for all θ, contracted with G, O(n⁶).
+==============  ============================================================================================
+
+All functions are batched over leading dimensions (broadcast between A, B, Q, R).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+from . import linalg
+from .implicit import ConvergenceWarning
+from .solvers import jacobian_products
+
+__all__ = [
+    "dare", "dlqr", "BACKWARDS", "LQRError", "NotStabilizableError", "NoStabilizingSolutionError",
+    "NotPositiveDefiniteError", "riccati_residual", "stein", "is_stabilizable",
+]
+
+BACKWARDS = ("lyapunov", "cg", "gmres", "dense", "analytic")
+
+
+class LQRError(ValueError):
+    """Bad input to :func:`dare` / :func:`dlqr`, or a DARE without a (stabilising) solution."""
+
+
+class NotStabilizableError(LQRError):
+    """(A, B) is not stabilisable: an eigenvalue |λ| ≥ 1 of A is uncontrollable (PBH test)."""
+
+
+class NoStabilizingSolutionError(LQRError):
+    """The DARE has no stabilising solution (e.g. (Q, A) has an unobservable mode on the unit circle)."""
+
+
+class NotPositiveDefiniteError(LQRError):
+    """The symmetric part of R is not positive definite."""
+
+
+def _sym(X: Tensor) -> Tensor:
+    return 0.5 * (X + X.transpose(-1, -2))
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check(A: Tensor, B: Tensor, Q: Tensor, R: Tensor) -> tuple[int, int, torch.Size]:
+    names = ("A", "B", "Q", "R")
+    for name, t in zip(names, (A, B, Q, R), strict=True):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
+        if t.ndim < 2:
+            raise LQRError(f"{name} must be a matrix (..., rows, cols), got shape {tuple(t.shape)}")
+    n, m = B.shape[-2], B.shape[-1]
+    want = {"A": (n, n), "Q": (n, n), "R": (m, m)}
+    for name, t in (("A", A), ("Q", Q), ("R", R)):
+        if tuple(t.shape[-2:]) != want[name]:
+            raise LQRError(f"shape mismatch: B is {n}×{m} (n={n} states, m={m} inputs), so {name} must be "
+                           f"{want[name][0]}×{want[name][1]}, got {tuple(t.shape[-2:])}")
+    if len({A.dtype, B.dtype, Q.dtype, R.dtype}) != 1:
+        raise TypeError(f"A, B, Q, R must share one dtype, got {A.dtype}, {B.dtype}, {Q.dtype}, {R.dtype}")
+    if len({A.device, B.device, Q.device, R.device}) != 1:
+        raise LQRError("A, B, Q, R must be on one device")
+    try:
+        batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2], Q.shape[:-2], R.shape[:-2])
+    except RuntimeError as err:
+        shapes = ", ".join(f"{k} {tuple(t.shape[:-2])}" for k, t in zip(names, (A, B, Q, R), strict=True))
+        raise LQRError(f"batch dimensions do not broadcast: {shapes}") from err
+    for name, t in zip(names, (A, B, Q, R), strict=True):
+        if not bool(torch.isfinite(t).all()):
+            raise LQRError(f"{name} contains NaN or inf")
+    return n, m, batch
+
+
+def _check_r(R: Tensor) -> None:
+    _, info = torch.linalg.cholesky_ex(R)
+    if bool((info != 0).any()):
+        bad = torch.nonzero(info != 0).flatten().tolist()
+        eig = torch.linalg.eigvalsh(R[bad[0]]).min().item()
+        raise NotPositiveDefiniteError(
+            f"the symmetric part of R must be positive definite; it is not for batch entries {bad[:8]} "
+            f"(smallest eigenvalue of entry {bad[0]}: {eig:.3g})")
+
+
+def is_stabilizable(A: np.ndarray, B: np.ndarray, tol: float = 1e-9) -> bool:
+    """PBH test: (A, B) is stabilisable iff ``rank[A − λI, B] = n`` for every eigenvalue with |λ| ≥ 1."""
+    n = A.shape[0]
+    scale = max(1.0, float(np.linalg.norm(np.hstack([A, B]), 2)))
+    for lam in np.linalg.eigvals(A):
+        if abs(lam) >= 1 - tol:
+            M = np.hstack([A - lam * np.eye(n), B.astype(complex)])
+            if np.linalg.svd(M, compute_uv=False)[-1] <= 1e-10 * scale:
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- algebra
+def riccati_residual(S: Tensor, A: Tensor, B: Tensor, Q: Tensor, R: Tensor) -> Tensor:
+    """The DARE residual F(S; A, B, Q, R) of Eq. (1), batched; differentiable in every argument."""
+    At = A.transpose(-1, -2)
+    SB = S @ B
+    G = R + B.transpose(-1, -2) @ SB
+    K = torch.linalg.solve(G, B.transpose(-1, -2) @ S @ A)
+    return At @ S @ A - S - (At @ SB) @ K + Q
+
+
+def _gain(S: Tensor, A: Tensor, B: Tensor, R: Tensor) -> Tensor:
+    Bt = B.transpose(-1, -2)
+    return torch.linalg.solve(R + Bt @ S @ B, Bt @ S @ A)
+
+
+def stein(M: Tensor, C: Tensor, *, rtol: float | None = None, max_iter: int = 64) -> tuple[Tensor, Tensor]:
+    """Solve the Stein (discrete Lyapunov) equation ``X = M X Mᵀ + C`` for ρ(M) < 1, batched, in torch.
+
+    Squared Smith (doubling) iteration: ``X ← X + M_k X M_kᵀ``, ``M_k ← M_k²`` sums ``Σ_{j<2^k} M^j C Mᵀʲ``
+    (the same series as ``scipy.linalg.solve_discrete_lyapunov``) in k = O(log(log ε / log ρ)) steps of two
+    matmuls each. Returns ``(X, residual)`` with the relative residual ``‖X − MXMᵀ − C‖ / ‖X‖`` per sample.
+    """
+    if rtol is None:
+        rtol = torch.finfo(C.dtype).eps
+    X, Mk = C, M
+    for _ in range(max_iter):
+        inc = Mk @ X @ Mk.transpose(-1, -2)
+        X = X + inc
+        small = torch.linalg.matrix_norm(inc) <= rtol * torch.linalg.matrix_norm(X).clamp_min(1e-300)
+        if bool(small.all()):
+            break
+        Mk = Mk @ Mk
+    res = torch.linalg.matrix_norm(X - M @ X @ M.transpose(-1, -2) - C)
+    return X, res / torch.linalg.matrix_norm(X).clamp_min(torch.finfo(X.dtype).tiny)
+
+
+# ---------------------------------------------------------------------------------------------- forward
+def _forward(A: Tensor, B: Tensor, Q: Tensor, R: Tensor) -> Tensor:
+    """Batched scipy DARE solve with checks; inputs (N, ...) already symmetrised, result in A's dtype."""
+    An, Bn, Qn, Rn = (t.detach().to("cpu", torch.float64).numpy() for t in (A, B, Q, R))
+    out = np.empty_like(Qn)
+    for i in range(An.shape[0]):
+        out[i] = _solve_one(i, An[i], Bn[i], Qn[i], Rn[i])
+    return torch.from_numpy(out).to(device=A.device, dtype=A.dtype)
+
+
+def _solve_one(i: int, A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray) -> np.ndarray:
+    where = f" (batch entry {i})"
+    try:
+        with np.errstate(all="ignore"):
+            S = scipy.linalg.solve_discrete_are(A, B, Q, R)
+    except (np.linalg.LinAlgError, ValueError) as err:
+        _diagnose(A, B, where, f"scipy.linalg.solve_discrete_are failed: {err}")
+    S = 0.5 * (S + S.T)
+    if not np.isfinite(S).all():
+        _diagnose(A, B, where, "the DARE solver returned NaN/inf")
+    K = np.linalg.solve(R + B.T @ S @ B, B.T @ S @ A)
+    rho = float(np.abs(np.linalg.eigvals(A - B @ K)).max())
+    if rho >= 1 - 1e-9:
+        _diagnose(A, B, where, f"the returned solution is not stabilising: ρ(A − BK) = {rho:.12g} ≥ 1")
+    res = A.T @ S @ A - S - A.T @ S @ B @ K + Q
+    scale = np.linalg.norm(Q) + np.linalg.norm(A.T @ S @ A) + np.linalg.norm(S) + 1e-300
+    if np.linalg.norm(res) > 1e-8 * scale:
+        warnings.warn(f"dare: relative Riccati residual {np.linalg.norm(res) / scale:.3g}{where} is large; "
+                      "the problem is ill-conditioned and gradients may be inaccurate", ConvergenceWarning,
+                      stacklevel=4)
+    return S
+
+
+def _diagnose(A: np.ndarray, B: np.ndarray, where: str, what: str):
+    if not is_stabilizable(A, B):
+        raise NotStabilizableError(f"(A, B) is not stabilizable{where}: an eigenvalue of A with |λ| ≥ 1 "
+                                   f"is uncontrollable (PBH rank test), so no stabilising LQR gain exists "
+                                   f"({what})")
+    raise NoStabilizingSolutionError(f"the DARE has no stabilising solution{where}: {what}. (A, B) is "
+                                     "stabilizable, so (Q, A) likely has an unobservable mode on the unit "
+                                     "circle")
+
+
+# --------------------------------------------------------------------------------------------- backward
+def _backward_lyapunov(S, A, B, Q, R, G, opts):
+    K = _gain(S, A, B, R)
+    Acl = A - B @ K
+    Y, res = stein(Acl, G)
+    _warn_solve("lyapunov (Stein doubling)", res, opts["rtol"])
+    SAY = S @ Acl @ Y
+    return 2 * SAY, -2 * SAY @ K.transpose(-1, -2), Y, K @ Y @ K.transpose(-1, -2)
+
+
+def _backward_krylov(S, A, B, Q, R, G, opts):
+    with torch.enable_grad():
+        Sl = S.detach().requires_grad_()
+        leaves = [t.detach().requires_grad_() for t in (A, B, Q, R)]
+        F = riccati_residual(Sl, *leaves)
+        jvp, vjp = jacobian_products(F, Sl)  # J u and Jᵀ u with J = ∂F/∂S
+        method = {"cg": "normal_cg", "gmres": "gmres", "dense": "dense"}[opts["backward"]]
+        # Jᵀ w = G: the operator is Jᵀ (a VJP), its transpose J (a JVP).
+        w, info = linalg.solve(method, vjp, G, rmatvec=jvp, rtol=opts["rtol"], max_iter=opts["max_iter"])
+        grads = torch.autograd.grad(F, leaves, grad_outputs=-w)
+    bad = ~info.converged
+    if bool(bad.any()):
+        warnings.warn(f"dare backward: the {info.method} solve did not converge for {int(bad.sum())} of "
+                      f"{bad.numel()} samples (residuals {info.residual[bad][:8].tolist()}, iterations "
+                      f"{info.iterations[bad][:8].tolist()}, rtol={opts['rtol']:g}); raise "
+                      "backward_max_iter or use backward='lyapunov'", ConvergenceWarning, stacklevel=3)
+    return grads
+
+
+def _bkron(a: Tensor, b: Tensor) -> Tensor:
+    """Batched Kronecker product (N, p, q) ⊗ (N, r, s) -> (N, p r, q s)."""
+    N, p, q = a.shape
+    r, s = b.shape[-2:]
+    return (a[:, :, None, :, None] * b[:, None, :, None, :]).reshape(N, p * r, q * s)
+
+
+def _backward_analytic(S, A, B, Q, R, G, opts):
+    """East et al. (2020): ∂vec S/∂vec θ in closed form (row-major vec: vec(X M Y) = (X ⊗ Yᵀ) vec M)."""
+    N, n, m = B.shape
+    K = _gain(S, A, B, R)
+    Acl = A - B @ K
+    At, Kt = Acl.transpose(-1, -2), K.transpose(-1, -2)
+    eye_n = torch.eye(n, dtype=S.dtype, device=S.device).expand(N, n, n)
+    L = torch.eye(n * n, dtype=S.dtype, device=S.device) - _bkron(At, At)  # vec(X − A_clᵀ X A_cl)
+
+    def sym_op(E: Tensor) -> Tensor:  # (I + T) E: vec M ↦ vec(M + Mᵀ), T the commutation matrix
+        k = E.shape[-1]
+        return E + E.reshape(N, n, n, k).transpose(1, 2).reshape(N, n * n, k)
+
+    AtS = At @ S
+    E_A = sym_op(_bkron(AtS, eye_n))                    # ∂vec F/∂vec A
+    E_B = -sym_op(_bkron(AtS, Kt))                      # ∂vec F/∂vec B
+    E_Q = torch.eye(n * n, dtype=S.dtype, device=S.device).expand(N, -1, -1)
+    E_R = _bkron(Kt, Kt)                                # ∂vec F/∂vec R
+    E = torch.cat([E_A, E_B, E_Q, E_R], dim=-1)
+    dS = torch.linalg.solve(L, E)                       # full Jacobian ∂vec S/∂vec θ (up to sign of J)
+    g = (G.reshape(N, 1, n * n) @ dS)[:, 0]
+    gA, gB, gQ, gR = torch.split(g, [n * n, n * m, n * n, m * m], dim=-1)
+    return gA.reshape(N, n, n), gB.reshape(N, n, m), gQ.reshape(N, n, n), gR.reshape(N, m, m)
+
+
+def _warn_solve(what: str, res: Tensor, rtol: float) -> None:
+    bad = res > max(rtol, 1e3 * torch.finfo(res.dtype).eps)
+    if bool(bad.any()):
+        warnings.warn(f"dare backward: {what} relative residual {res[bad][:8].tolist()} for {int(bad.sum())} "
+                      f"of {bad.numel()} samples (ρ(A − BK) close to 1?)", ConvergenceWarning, stacklevel=4)
+
+
+_BACKWARD_IMPL = {"lyapunov": _backward_lyapunov, "cg": _backward_krylov, "gmres": _backward_krylov,
+                  "dense": _backward_krylov, "analytic": _backward_analytic}
+
+
+class _DARE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A: Tensor, B: Tensor, Q: Tensor, R: Tensor, opts: dict) -> Tensor:
+        S = _forward(A, B, Q, R)
+        ctx.save_for_backward(A, B, Q, R, S)
+        ctx.opts = opts
+        return S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_S: Tensor):
+        A, B, Q, R, S = ctx.saved_tensors
+        G = _sym(grad_S)  # S is symmetric: only the symmetric part of ∂L/∂S acts on it
+        gA, gB, gQ, gR = _BACKWARD_IMPL[ctx.opts["backward"]](S, A, B, Q, R, G, ctx.opts)
+        return gA, gB, _sym(gQ), _sym(gR), None
+
+
+# ------------------------------------------------------------------------------------------------ public
+def _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter):
+    if backward not in BACKWARDS:
+        raise ValueError(f"unknown backward {backward!r}; choose one of {BACKWARDS}")
+    n, m, batch = _check(A, B, Q, R)
+    flat = [t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:]) for t in (A, B, Q, R)]
+    A_, B_, Q_, R_ = flat
+    Q_, R_ = _sym(Q_), _sym(R_)
+    _check_r(R_.detach())
+    if backward_tol is None:
+        backward_tol = 1e-10 if A.dtype == torch.float64 else 1e-5
+    opts = {"backward": backward, "rtol": backward_tol, "max_iter": backward_max_iter}
+    return A_, B_, Q_, R_, batch, opts
+
+
+def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapunov",
+         backward_tol: float | None = None, backward_max_iter: int | None = None) -> Tensor:
+    """Differentiable stabilising solution S of the DARE, Eq. (1); batched over leading dimensions.
+
+    Args:
+        A: ``(..., n, n)`` dynamics, ``x' = Ax + Bu``.  B: ``(..., n, m)``.
+        Q: ``(..., n, n)`` state cost (its symmetric part is used).  R: ``(..., m, m)`` input cost
+            (symmetric part must be positive definite).
+        backward: one of :data:`BACKWARDS` (see the module docstring); all give the same gradient.
+        backward_tol: relative tolerance of the backward linear solve (default 1e-10 in float64, 1e-5 else).
+        backward_max_iter: iteration cap for ``"cg"`` / ``"gmres"``.
+
+    Returns:
+        ``(..., n, n)`` symmetric S, same dtype and device as the inputs.
+
+    Raises:
+        LQRError (a ValueError) and its subclasses on bad shapes, NaN/inf, a non-positive-definite R, an
+        unstabilizable (A, B) or a DARE without stabilising solution; TypeError on non-float tensors.
+    """
+    A_, B_, Q_, R_, batch, opts = _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter)
+    S = _DARE.apply(A_, B_, Q_, R_, opts)
+    return S.reshape(*batch, *S.shape[-2:])
+
+
+def dlqr(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapunov",
+         backward_tol: float | None = None, backward_max_iter: int | None = None) -> Tensor:
+    """Differentiable infinite-horizon LQR gain ``K = (R + BᵀSB)⁻¹BᵀSA`` (Eq. 2), control ``u = −Kx``.
+
+    Same arguments as :func:`dare`; returns ``(..., m, n)``. The gradient flows through S (by the chosen
+    IFT ``backward``) and through the explicit dependence of Eq. (2) on A, B, R (ordinary autograd).
+    """
+    A_, B_, Q_, R_, batch, opts = _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter)
+    S = _DARE.apply(A_, B_, Q_, R_, opts)
+    K = _gain(S, A_, B_, R_)
+    return K.reshape(*batch, *K.shape[-2:])
