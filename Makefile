@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m diffmpc demo --out $(OUT)/demo
+	$(PY) -m diffmpc kepler --out $(OUT)/kepler
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,30 @@
+"""Smoke test of the Kepler example (paper Fig. 1) with a tiny budget."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from diffmpc.cli import main
+from diffmpc.experiments.kepler import KeplerConfig, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kepler_learns_e_and_matches_closed_form(tmp_path):
+    res = run(KeplerConfig(steps=150, grid=8), tmp_path)
+    assert res["abs_error_e"] < 1e-3
+    assert res["max_abs_error_dE_de_vs_closed_form"] < 1e-10
+    assert Path(res["figure"]).stat().st_size > 10_000
+
+
+def test_kepler_cli_writes_results(tmp_path):
+    assert main(["kepler", "--out", str(tmp_path), "--steps", "5", "--grid", "6"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["steps"] == 5 and len(res["history"]) == 5
+
+
+def test_kepler_example_script_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "kepler.py"), "--out", str(tmp_path),
+                          "--steps", "3", "--grid", "6"], capture_output=True, text=True, check=True)
+    assert "dE/de: layer" in out.stdout
