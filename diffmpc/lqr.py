@@ -4,9 +4,10 @@ r"""Differentiable infinite-horizon discrete-time LQR: :func:`dare` and :func:`d
 
 .. math::  F(S; A, B, Q, R) = AᵀSA − S − AᵀSB\,(R + BᵀSB)^{-1}BᵀSA + Q = 0           \qquad (1)
 
-is found by ``scipy.linalg.solve_discrete_are`` (a QZ method, in float64 on the CPU; the result goes back
-to the inputs' dtype and device) and then *checked*: finite, symmetric, small residual (1), and stabilising,
-ρ(A − BK) < 1 with the gain
+is found in float64 by the batched structured doubling algorithm (:func:`sda`, torch, any device;
+``forward="sda"``, default) or by ``scipy.linalg.solve_discrete_are`` (QZ, on the CPU; ``forward="scipy"``,
+also the fallback for samples SDA does not solve), cast back to the inputs' dtype, and then *checked*:
+finite, symmetric, small residual (1), and stabilising, ρ(A − BK) < 1 with the gain
 
 .. math::  K = (R + BᵀSB)^{-1} BᵀSA, \qquad u = −Kx.                                       \qquad (2)
 
@@ -55,7 +56,7 @@ from .solvers import jacobian_products
 
 __all__ = [
     "dare", "dlqr", "BACKWARDS", "LQRError", "NotStabilizableError", "NoStabilizingSolutionError",
-    "NotPositiveDefiniteError", "riccati_residual", "stein", "is_stabilizable",
+    "NotPositiveDefiniteError", "riccati_residual", "stein", "sda", "is_stabilizable", "FORWARDS",
 ]
 
 BACKWARDS = ("lyapunov", "cg", "gmres", "dense", "analytic")
@@ -171,36 +172,84 @@ def stein(M: Tensor, C: Tensor, *, rtol: float | None = None, max_iter: int = 64
 
 
 # ---------------------------------------------------------------------------------------------- forward
-def _forward(A: Tensor, B: Tensor, Q: Tensor, R: Tensor) -> Tensor:
-    """Batched scipy DARE solve with checks; inputs (N, ...) already symmetrised, result in A's dtype."""
-    An, Bn, Qn, Rn = (t.detach().to("cpu", torch.float64).numpy() for t in (A, B, Q, R))
-    out = np.empty_like(Qn)
-    for i in range(An.shape[0]):
-        out[i] = _solve_one(i, An[i], Bn[i], Qn[i], Rn[i])
-    return torch.from_numpy(out).to(device=A.device, dtype=A.dtype)
+FORWARDS = ("sda", "scipy")
 
 
-def _solve_one(i: int, A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray) -> np.ndarray:
+def sda(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, rtol: float | None = None,
+        max_iter: int = 100) -> tuple[Tensor, Tensor]:
+    r"""Structured doubling algorithm (Chu, Fan & Lin 2005) for the DARE (1), batched, in torch.
+
+    With ``A₀ = A``, ``G₀ = BR⁻¹Bᵀ``, ``H₀ = Q`` and ``W_k = I + G_k H_k``:
+    ``A_{k+1} = A_k W_k⁻¹ A_k``, ``G_{k+1} = G_k + A_k W_k⁻¹ G_k A_kᵀ``,
+    ``H_{k+1} = H_k + A_kᵀ H_k W_k⁻¹ A_k``;
+    ``H_k → S`` quadratically, the error shrinking like ρ(A − BK)^{2^k}. Returns ``(S, converged)``.
+    """
+    if rtol is None:
+        rtol = 10 * torch.finfo(A.dtype).eps
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    Ak, Hk = A, Q
+    Gk = B @ torch.linalg.solve(R, B.transpose(-1, -2))
+    converged = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    for _ in range(max_iter):
+        W = eye + Gk @ Hk
+        WA = torch.linalg.solve(W, Ak)
+        WG = torch.linalg.solve(W, Gk)
+        H_new = Hk + Ak.transpose(-1, -2) @ Hk @ WA
+        Gk = Gk + Ak @ WG @ Ak.transpose(-1, -2)
+        Ak = Ak @ WA
+        step = torch.linalg.matrix_norm(H_new - Hk)
+        Hk = H_new
+        converged = step <= rtol * torch.linalg.matrix_norm(Hk)
+        if bool(converged.all()) or not bool(torch.isfinite(Hk).all()):
+            break
+    return _sym(Hk), converged & torch.isfinite(Hk).flatten(1).all(1)
+
+
+def _forward(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, method: str = "sda") -> Tensor:
+    """Batched DARE solve + checks; inputs (N, ...) already symmetrised; computed in float64."""
+    A64, B64, Q64, R64 = (t.detach().to(torch.float64) for t in (A, B, Q, R))
+    if method == "sda":
+        S, ok = sda(A64, B64, Q64, R64)
+    else:
+        S, ok = torch.empty_like(Q64), torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    if not bool(ok.all()):  # scipy for the samples SDA did not solve (it also names what is wrong)
+        idx = torch.nonzero(~ok).flatten().tolist()
+        An, Bn, Qn, Rn = (t[idx].cpu().numpy() for t in (A64, B64, Q64, R64))
+        sol = [_solve_scipy(i, An[j], Bn[j], Qn[j], Rn[j]) for j, i in enumerate(idx)]
+        S[idx] = torch.from_numpy(np.stack(sol)).to(S.device)
+    _check_solution(S, A64, B64, Q64, R64)
+    return S.to(A.dtype)
+
+
+def _solve_scipy(i: int, A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndarray) -> np.ndarray:
     where = f" (batch entry {i})"
     try:
         with np.errstate(all="ignore"):
             S = scipy.linalg.solve_discrete_are(A, B, Q, R)
     except (np.linalg.LinAlgError, ValueError) as err:
         _diagnose(A, B, where, f"scipy.linalg.solve_discrete_are failed: {err}")
-    S = 0.5 * (S + S.T)
     if not np.isfinite(S).all():
         _diagnose(A, B, where, "the DARE solver returned NaN/inf")
-    K = np.linalg.solve(R + B.T @ S @ B, B.T @ S @ A)
-    rho = float(np.abs(np.linalg.eigvals(A - B @ K)).max())
-    if rho >= 1 - 1e-9:
-        _diagnose(A, B, where, f"the returned solution is not stabilising: ρ(A − BK) = {rho:.12g} ≥ 1")
-    res = A.T @ S @ A - S - A.T @ S @ B @ K + Q
-    scale = np.linalg.norm(Q) + np.linalg.norm(A.T @ S @ A) + np.linalg.norm(S) + 1e-300
-    if np.linalg.norm(res) > 1e-8 * scale:
-        warnings.warn(f"dare: relative Riccati residual {np.linalg.norm(res) / scale:.3g}{where} is large; "
-                      "the problem is ill-conditioned and gradients may be inaccurate", ConvergenceWarning,
-                      stacklevel=4)
-    return S
+    return 0.5 * (S + S.T)
+
+
+def _check_solution(S: Tensor, A: Tensor, B: Tensor, Q: Tensor, R: Tensor) -> None:
+    """Stabilising (ρ(A − BK) < 1) and a small residual (1), per sample, in float64."""
+    K = _gain(S, A, B, R)
+    rho = torch.linalg.eigvals(A - B @ K).abs().amax(-1)
+    bad = ~(rho < 1 - 1e-9)  # also catches NaN
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        _diagnose(A[i].cpu().numpy(), B[i].cpu().numpy(), f" (batch entry {i})",
+                  f"the solution is not stabilising: ρ(A − BK) = {rho[i].item():.12g} ≥ 1")
+    res = torch.linalg.matrix_norm(riccati_residual(S, A, B, Q, R))
+    scale = (torch.linalg.matrix_norm(Q) + torch.linalg.matrix_norm(A.transpose(-1, -2) @ S @ A)
+             + torch.linalg.matrix_norm(S))
+    rel = res / scale.clamp_min(1e-300)
+    if bool((rel > 1e-8).any()):
+        warnings.warn(f"dare: relative Riccati residual up to {rel.max().item():.3g} (batch entries "
+                      f"{torch.nonzero(rel > 1e-8).flatten()[:8].tolist()}); the problem is ill-conditioned "
+                      "and gradients may be inaccurate", ConvergenceWarning, stacklevel=5)
 
 
 def _diagnose(A: np.ndarray, B: np.ndarray, where: str, what: str):
@@ -288,7 +337,7 @@ _BACKWARD_IMPL = {"lyapunov": _backward_lyapunov, "cg": _backward_krylov, "gmres
 class _DARE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A: Tensor, B: Tensor, Q: Tensor, R: Tensor, opts: dict) -> Tensor:
-        S = _forward(A, B, Q, R)
+        S = _forward(A, B, Q, R, opts["forward"])
         ctx.save_for_backward(A, B, Q, R, S)
         ctx.opts = opts
         return S
@@ -303,9 +352,11 @@ class _DARE(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------ public
-def _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter):
+def _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter, forward):
     if backward not in BACKWARDS:
         raise ValueError(f"unknown backward {backward!r}; choose one of {BACKWARDS}")
+    if forward not in FORWARDS:
+        raise ValueError(f"unknown forward {forward!r}; choose one of {FORWARDS}")
     n, m, batch = _check(A, B, Q, R)
     flat = [t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:]) for t in (A, B, Q, R)]
     A_, B_, Q_, R_ = flat
@@ -313,12 +364,13 @@ def _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter):
     _check_r(R_.detach())
     if backward_tol is None:
         backward_tol = 1e-10 if A.dtype == torch.float64 else 1e-5
-    opts = {"backward": backward, "rtol": backward_tol, "max_iter": backward_max_iter}
+    opts = {"backward": backward, "rtol": backward_tol, "max_iter": backward_max_iter, "forward": forward}
     return A_, B_, Q_, R_, batch, opts
 
 
 def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapunov",
-         backward_tol: float | None = None, backward_max_iter: int | None = None) -> Tensor:
+         backward_tol: float | None = None, backward_max_iter: int | None = None,
+         forward: str = "sda") -> Tensor:
     """Differentiable stabilising solution S of the DARE, Eq. (1); batched over leading dimensions.
 
     Args:
@@ -328,6 +380,8 @@ def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapuno
         backward: one of :data:`BACKWARDS` (see the module docstring); all give the same gradient.
         backward_tol: relative tolerance of the backward linear solve (default 1e-10 in float64, 1e-5 else).
         backward_max_iter: iteration cap for ``"cg"`` / ``"gmres"``.
+        forward: ``"sda"`` (batched torch doubling, default) or ``"scipy"`` (``solve_discrete_are`` per
+            sample).
 
     Returns:
         ``(..., n, n)`` symmetric S, same dtype and device as the inputs.
@@ -336,19 +390,22 @@ def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapuno
         LQRError (a ValueError) and its subclasses on bad shapes, NaN/inf, a non-positive-definite R, an
         unstabilizable (A, B) or a DARE without stabilising solution; TypeError on non-float tensors.
     """
-    A_, B_, Q_, R_, batch, opts = _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter)
+    A_, B_, Q_, R_, batch, opts = _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter,
+                                                  forward)
     S = _DARE.apply(A_, B_, Q_, R_, opts)
     return S.reshape(*batch, *S.shape[-2:])
 
 
 def dlqr(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapunov",
-         backward_tol: float | None = None, backward_max_iter: int | None = None) -> Tensor:
+         backward_tol: float | None = None, backward_max_iter: int | None = None,
+         forward: str = "sda") -> Tensor:
     """Differentiable infinite-horizon LQR gain ``K = (R + BᵀSB)⁻¹BᵀSA`` (Eq. 2), control ``u = −Kx``.
 
     Same arguments as :func:`dare`; returns ``(..., m, n)``. The gradient flows through S (by the chosen
     IFT ``backward``) and through the explicit dependence of Eq. (2) on A, B, R (ordinary autograd).
     """
-    A_, B_, Q_, R_, batch, opts = _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter)
+    A_, B_, Q_, R_, batch, opts = _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter,
+                                                  forward)
     S = _DARE.apply(A_, B_, Q_, R_, opts)
     K = _gain(S, A_, B_, R_)
     return K.reshape(*batch, *K.shape[-2:])
