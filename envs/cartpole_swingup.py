@@ -25,7 +25,10 @@ GRAVITY = 9.82  # g [m/s^2] (PILCO's value)
 FORCE_SCALE = 10.0  # force [N] = FORCE_SCALE * action, action in [-1, 1]
 DT = 0.1  # control period [s] (zero-order hold)
 COST_WIDTH = 0.25  # width of the saturating cost [m]
-SUBSTEPS = 4  # RK4 substeps per control period (one-step error ~1e-8, see tests)
+# RK4 substeps per control period. Worst one-step error (max-norm) vs. a converged reference over
+# |ẋ| ≤ 5 m/s, |θ̇| ≤ 12 rad/s, any θ, |u| ≤ 1 (20k random states): 4 → 2.4e-3, 6 → 4.5e-4, 8 → 1.5e-4,
+# 10 → 6.5e-5 (the issue asks for < 1e-4). The error grows like substeps⁻⁴ and with |θ̇|.
+SUBSTEPS = 10
 STATE_DIM = 4
 ACTION_DIM = 1
 
@@ -62,12 +65,15 @@ def cartpole_derivatives(
     M, m, l, b, g = cart_mass, pole_mass, pole_length, friction, gravity
     _, xd, th, thd = state.unbind(-1)
     s, c = torch.sin(th), torch.cos(th)
-    fb = force - b * xd  # net horizontal force on the cart (f - b ẋ)
-    den = 4.0 * (M + m) - (3.0 * m) * (c * c)
-    w2s = thd * thd * s
-    xdd = ((2.0 * m * l) * w2s + (3.0 * m * g) * (s * c) + 4.0 * fb) / den
-    thdd = -((3.0 * m * l) * w2s * c + (6.0 * (M + m) * g) * s + 6.0 * fb * c) / (l * den)
-    return torch.stack(torch.broadcast_tensors(xd, xdd, thd, thdd), dim=-1)
+    # p = f - b ẋ + (m l / 2) θ̇² sinθ;  den / 4 = (M + m) - (3 m / 4) cos²θ
+    p = torch.add(torch.add(force, xd, alpha=-b), thd * thd * s, alpha=0.5 * m * l)
+    inv = torch.reciprocal(torch.addcmul(torch.full_like(c, M + m), c, c, value=-0.75 * m))  # 4 / den
+    xdd = torch.add(p, s * c, alpha=0.75 * m * g) * inv  # ẍ = 4 (p + (3 m g / 4) sinθ cosθ) / den
+    # θ̈ = −6 (p cosθ + (M + m) g sinθ) / (l den)
+    thdd = torch.addcmul(s * (-1.5 * (M + m) * g / l), c, p, value=-1.5 / l) * inv
+    if xdd.shape != xd.shape:  # force has more leading dims than state
+        xd, xdd, thd, thdd = torch.broadcast_tensors(xd, xdd, thd, thdd)
+    return torch.stack((xd, xdd, thd, thdd), dim=-1)
 
 
 def cartpole_dynamics(
@@ -87,7 +93,9 @@ def cartpole_dynamics(
         state: ``(..., 4)`` tensor ``[x, ẋ, θ, θ̇]``.
         action: ``(..., 1)`` tensor in action units (``[-1, 1]`` is the admissible set).
         dt: hold period in seconds (default 0.1 s).
-        substeps: RK4 steps per period (default 4, one-step error ~1e-8 vs. a tight-tolerance reference).
+        substeps: RK4 steps per period (default ``SUBSTEPS`` = 10: one-step error < 1e-4 for |θ̇| ≤ 12
+            rad/s, |ẋ| ≤ 5 m/s; 4 substeps are 2.5× cheaper with errors up to ~2e-3 there, which a planner
+            may accept).
         **physics: overrides for :func:`cartpole_derivatives` (``friction=0.0`` etc.).
 
     Returns:
@@ -110,7 +118,7 @@ def cartpole_dynamics(
         k2 = cartpole_derivatives(torch.add(x, k1, alpha=h / 2), force, **physics)
         k3 = cartpole_derivatives(torch.add(x, k2, alpha=h / 2), force, **physics)
         k4 = cartpole_derivatives(torch.add(x, k3, alpha=h), force, **physics)
-        x = x + (h / 6) * (k1 + 2.0 * (k2 + k3) + k4)
+        x = torch.add(x, torch.add(k1 + k4, k2 + k3, alpha=2.0), alpha=h / 6)
     return x
 
 
@@ -171,7 +179,7 @@ class CartPoleSwingUpEnv(gym.Env):
     hanging down; the goal is to swing it up and balance it above the cart, with the cart near ``x = 0``.
     Dynamics (``cartpole_derivatives``): M = 0.5 kg cart, m = 0.5 kg pole of length l = 0.6 m, cart friction
     b = 0.1 N s/m, g = 9.82 m/s². The force ``10 N × action`` is held constant for dt = 0.1 s and integrated
-    with 4 RK4 substeps (``cartpole_dynamics``; one-step error ≈ 1e-8).
+    with 10 RK4 substeps (``cartpole_dynamics``; one-step error < 1e-4 for |θ̇| ≤ 12 rad/s, |ẋ| ≤ 5 m/s).
 
     ## Action space
     ``Box(-1, 1, (1,), float32)``: force in units of 10 N. Actions outside the box are **clipped** to it; a
@@ -285,16 +293,18 @@ class CartPoleSwingUpEnv(gym.Env):
 
 
 def draw_cartpole(state: np.ndarray, action: float = 0.0, width: int = 480, height: int = 320) -> np.ndarray:
-    """Draw a cart-pole state as an ``height×width×3`` uint8 frame (world window x ∈ [−2.4, 2.4] m)."""
-    half_w = 2.4
+    """Draw a cart-pole state as a ``height×width×3`` uint8 frame (world window x ∈ [−2, 2] m, rail at y = 0).
+
+    Green dot: the upright tip position (the cost's target); red bar: the applied force.
+    """
+    half_w = 2.0
     half_h = half_w * height / width
-    y_track = -0.35
-    cv = Canvas(width, height, (-half_w, half_w), (y_track - 0.35 * half_h, y_track + 1.65 * half_h))
+    cv = Canvas(width, height, (-half_w, half_w), (-half_h, half_h))
     x, _, th, _ = (float(v) for v in state)
-    cv.hline(y_track - 0.06, GREY, 2)  # track
-    for tick in np.arange(-2.0, 2.01, 0.5):
-        cv.line(tick, y_track - 0.06, tick, y_track - 0.12, 0.01, GREY)
     cv.vline(0.0, LIGHT_GREY)
+    cv.hline(0.0, GREY, 2)  # rail
+    for tick in np.arange(-2.0, 2.01, 0.5):
+        cv.line(tick, 0.0, tick, -0.08, 0.01, GREY)
     l = POLE_LENGTH
     cv.circle(0.0, l, 0.04, GREEN)  # target: the upright tip
     cart_w, cart_h = 0.4, 0.12
@@ -305,6 +315,8 @@ def draw_cartpole(state: np.ndarray, action: float = 0.0, width: int = 480, heig
     tip_x, tip_y = x + l * math.sin(th), -l * math.cos(th)
     cv.line(x, 0.0, tip_x, tip_y, 0.05, BROWN)
     cv.circle(x, 0.0, 0.025, BLUE)
+    if abs(x) > half_w:  # cart out of view: a red marker at the edge it left by
+        cv.circle(math.copysign(half_w - 0.06, x), 0.0, 0.06, RED)
     return cv.image
 
 
