@@ -186,14 +186,13 @@ def sda(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, rtol: float | None = None
     """
     if rtol is None:
         rtol = 10 * torch.finfo(A.dtype).eps
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    n = A.shape[-1]
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
     Ak, Hk = A, Q
     Gk = B @ torch.linalg.solve(R, B.transpose(-1, -2))
     converged = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
     for _ in range(max_iter):
-        W = eye + Gk @ Hk
-        WA = torch.linalg.solve(W, Ak)
-        WG = torch.linalg.solve(W, Gk)
+        WA, WG = torch.linalg.solve(eye + Gk @ Hk, torch.cat([Ak, Gk], -1)).split(n, -1)
         H_new = Hk + Ak.transpose(-1, -2) @ Hk @ WA
         Gk = Gk + Ak @ WG @ Ak.transpose(-1, -2)
         Ak = Ak @ WA
