@@ -1,0 +1,284 @@
+r"""Imitation learning through a differentiable infinite-horizon LQR (paper Appx. C, Fig. 4).
+
+An expert controls the mass-spring-damper ``x_{t+1} = A x_t + B u_t`` (m = k = 1, damping c) with the LQR
+law ``u = −K(A) x``, K from the DARE with Q = I, R = 2 (:func:`diffmpc.dlqr`). A learner knows B, Q, R but
+not A; it holds an estimate Â and acts with ``u = −K(Â) x``. Training data: one 50-step expert trajectory from
+x₀ = [0, 3]. Each iteration picks a random start x_t on it and rolls the *learner's* closed loop
+``x̂_{k+1} = Â x̂_k + B û_k``, ``û_k = −K(Â) x̂_k`` six steps ahead from x̂_0 = x_t; the imitation loss is
+
+.. math::  ℓ(Â) = \frac{1}{6} \sum_{k=0}^{5} \lVert u_{t+k} − û_k \rVert^2,
+
+and its gradient flows through K(Â), i.e. through the DARE, by the selected IFT backward mode. The model
+loss ``‖A − Â‖_F`` tracks whether the dynamics themselves are recovered. Â starts at A + U[−0.5, 0.5] per
+entry, 5 initialisations (batched: the DARE layer solves all of them in one call), 3000 Adam steps.
+
+Every backward mode computes the same gradient up to solver tolerance, so the curves of the modes must
+coincide; what differs is their cost (see ``benchmarks/dare_backward.py``). This module imports only
+``diffmpc`` and ``envs`` (no other ``agents`` module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffmpc.lqr import LQRError, dare, dlqr, is_stabilizable
+from envs.mass_spring_damper import X0, msd_cost_matrices, msd_matrices
+
+MODES = ("cg", "dense", "analytic", "lyapunov")
+MODE_LABELS = {"cg": "IFT-CG (normal eq.)", "gmres": "IFT-GMRES", "dense": "naive IFT (dense)",
+               "analytic": "analytic (East et al.)", "lyapunov": "Lyapunov adjoint (ours)"}
+DAMPINGS = (1.0, 0.1, -0.6)
+
+
+@dataclass(frozen=True)
+class ImitationConfig:
+    """One imitation run per (damping, backward mode); all modes share inits and random starts."""
+
+    dampings: tuple[float, ...] = DAMPINGS
+    modes: tuple[str, ...] = MODES
+    iterations: int = 3000
+    inits: int = 5
+    horizon: int = 6
+    trajectory: int = 50
+    init_noise: float = 0.5
+    lr: float = 1e-2
+    eval_every: int = 10
+    seed: int = 0
+    x0: tuple[float, ...] = field(default=X0)
+
+
+def expert_data(damping: float) -> dict[str, torch.Tensor]:
+    """The true (A, B, Q, R), the expert gain K(A) and its 50-step trajectory (states, controls)."""
+    A, B = msd_matrices(damping=damping, dtype=torch.float64)
+    Q, R = msd_cost_matrices(dtype=torch.float64)
+    return {"A": A, "B": B, "Q": Q, "R": R, "K": dlqr(A, B, Q, R)}
+
+
+def rollout(A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, x0: torch.Tensor, steps: int):
+    """Closed loop ``x_{k+1} = A x_k + B u_k``, ``u_k = −K x_k``; batched ``x0 (..., n)`` → (states, controls)
+    of shapes ``(..., steps, n)`` and ``(..., steps, m)`` (states x_0..x_{steps−1})."""
+    xs, us = [], []
+    x = x0
+    for _ in range(steps):
+        u = -(K @ x.unsqueeze(-1)).squeeze(-1)
+        xs.append(x)
+        us.append(u)
+        x = (A @ x.unsqueeze(-1)).squeeze(-1) + (B @ u.unsqueeze(-1)).squeeze(-1)
+    return torch.stack(xs, -2), torch.stack(us, -2)
+
+
+def imitation_loss(A_hat: torch.Tensor, data: dict, xs: torch.Tensor, us: torch.Tensor, starts: torch.Tensor,
+                   horizon: int, backward: str) -> torch.Tensor:
+    """ℓ per learner: ``A_hat (I, n, n)``, ``starts (I, S)`` indices into the expert trajectory → (I, S)."""
+    K_hat = dlqr(A_hat, data["B"], data["Q"], data["R"], backward=backward)          # (I, m, n)
+    x0 = xs[starts]                                                                     # (I, S, n)
+    _, u_hat = rollout(A_hat[:, None], data["B"], K_hat[:, None], x0, horizon)         # (I, S, H, m)
+    idx = starts[..., None] + torch.arange(horizon)                                     # (I, S, H)
+    return ((us[idx] - u_hat) ** 2).sum(-1).mean(-1)
+
+
+def train(cfg: ImitationConfig, damping: float, mode: str, progress: bool = True) -> dict[str, Any]:
+    """Learn Â for every init with one backward ``mode``; returns curves and final numbers."""
+    from tqdm import tqdm
+
+    data = expert_data(damping)
+    A, n = data["A"], data["A"].shape[0]
+    xs, us = rollout(A, data["B"], data["K"], torch.tensor(cfg.x0, dtype=torch.float64), cfg.trajectory)
+    gen = torch.Generator().manual_seed(cfg.seed)  # same inits and starts for every mode
+    A_hat = (A + (torch.rand(cfg.inits, n, n, generator=gen, dtype=torch.float64) * 2 - 1) * cfg.init_noise)
+    A_hat.requires_grad_()
+    opt = torch.optim.Adam([A_hat], lr=cfg.lr)
+    n_starts = cfg.trajectory - cfg.horizon + 1
+    all_starts = torch.arange(n_starts).expand(cfg.inits, -1)
+    train_loss, eval_iters, eval_loss, model_loss, failures = [], [], [], [], 0
+    backward_s = 0.0
+    t0 = time.perf_counter()
+    for it in tqdm(range(cfg.iterations + 1), desc=f"c={damping:g} {mode}", disable=not progress,
+                   mininterval=2.0, leave=False):
+        if it % cfg.eval_every == 0 or it == cfg.iterations:
+            with torch.no_grad():
+                eval_iters.append(it)
+                eval_loss.append(_safe_loss(A_hat, data, xs, us, all_starts, cfg.horizon).tolist())
+                model_loss.append(torch.linalg.matrix_norm(A - A_hat).tolist())
+        if it == cfg.iterations:
+            break
+        starts = torch.randint(0, n_starts, (cfg.inits, 1), generator=gen)
+        try:
+            loss = imitation_loss(A_hat, data, xs, us, starts, cfg.horizon, mode)[:, 0]
+        except LQRError:
+            failures += 1  # some Â has no stabilising LQR gain: skip this step (counted and reported)
+            continue
+        opt.zero_grad()
+        tb = time.perf_counter()
+        loss.sum().backward()  # the inits are independent problems: their gradients do not mix
+        backward_s += time.perf_counter() - tb
+        opt.step()
+        train_loss.append(loss.detach().tolist())
+    wall = time.perf_counter() - t0
+    final_eval = np.asarray(eval_loss[-1])
+    final_model = np.asarray(model_loss[-1])
+    return {
+        "damping": damping, "mode": mode, "eval_iterations": eval_iters, "imitation_loss": eval_loss,
+        "model_loss": model_loss, "train_loss": train_loss, "failed_steps": failures,
+        "final_imitation_loss_mean": float(np.nanmean(final_eval)),
+        "final_imitation_loss_std": float(np.nanstd(final_eval)),
+        "final_model_loss_mean": float(final_model.mean()), "final_model_loss_std": float(final_model.std()),
+        "A_hat": A_hat.detach().tolist(), "wall_s": wall, "backward_s": backward_s,
+    }
+
+
+def _safe_loss(A_hat, data, xs, us, starts, horizon) -> torch.Tensor:
+    try:
+        return imitation_loss(A_hat, data, xs, us, starts, horizon, "lyapunov").mean(-1)
+    except LQRError:  # evaluate one by one so that one bad Â does not hide the others
+        out = []
+        for i in range(A_hat.shape[0]):
+            try:
+                out.append(imitation_loss(A_hat[i:i + 1], data, xs, us, starts[i:i + 1], horizon,
+                                          "lyapunov").mean())
+            except LQRError:
+                out.append(torch.tensor(float("nan"), dtype=A_hat.dtype))
+        return torch.stack(out)
+
+
+def system_report(damping: float) -> dict[str, Any]:
+    """Stabilisability of (A, B) and solvability of the DARE for one damping (the paper's A used as a map)."""
+    A, B = msd_matrices(damping=damping, dtype=torch.float64)
+    Q, R = msd_cost_matrices(dtype=torch.float64)
+    report = {
+        "damping": damping, "A": A.tolist(), "B": B.tolist(),
+        "eig_abs_A": torch.linalg.eigvals(A).abs().tolist(),
+        "controllability_rank": int(torch.linalg.matrix_rank(torch.cat([B, A @ B], dim=1))),
+        "stabilizable": bool(is_stabilizable(A.numpy(), B.numpy())),
+    }
+    try:
+        S = dare(A, B, Q, R)
+    except LQRError as err:
+        return {**report, "dare_solvable": False, "error": f"{type(err).__name__}: {err}"}
+    K = dlqr(A, B, Q, R)
+    return {**report, "dare_solvable": True, "S": S.tolist(), "K": K.tolist(),
+            "spectral_radius_closed_loop": float(torch.linalg.eigvals(A - B @ K).abs().max())}
+
+
+def run(cfg: ImitationConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """All (damping, mode) runs, atomically checkpointed per run in ``out/results.json`` (resumed)."""
+    from diffmpc.cli import write_results
+
+    out = Path(out)
+    path = out / "results.json"
+    results: dict[str, Any] = {"config": asdict(cfg), "systems": {}, "runs": {}}
+    if path.exists():
+        old = json.loads(path.read_text())
+        free = ("dampings", "modes")  # runs of other dampings/modes with the same settings are reusable
+        same = {k: v for k, v in old.get("config", {}).items() if k not in free}
+        mine = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in free}
+        if same == mine:
+            results["runs"] = old.get("runs", {})
+            results["systems"] = old.get("systems", {})
+    for c in cfg.dampings:
+        results["systems"][f"{c:g}"] = system_report(c)
+        for mode in cfg.modes:
+            key = f"c={c:g}/{mode}"
+            if key in results["runs"]:
+                continue  # resumed
+            results["runs"][key] = train(cfg, c, mode, progress)
+            r = results["runs"][key]
+            print(f"c={c:g} {mode:9s}: imitation {r['final_imitation_loss_mean']:.3e} ± "
+                  f"{r['final_imitation_loss_std']:.1e}, model ‖A−Â‖ {r['final_model_loss_mean']:.3f} ± "
+                  f"{r['final_model_loss_std']:.3f}, {r['wall_s']:.1f}s (backward {r['backward_s']:.1f}s)",
+                  flush=True)
+            write_results(out, results)
+    results["mode_agreement"] = _agreement(results, cfg)
+    results["figure"] = str(plot(results, cfg, out / "lqr_imitation.png"))
+    write_results(out, results)
+    return results
+
+
+def _agreement(results: dict, cfg: ImitationConfig) -> dict[str, float]:
+    """max |Â_mode − Â_lyapunov| after training: the modes compute one gradient, so this should be tiny."""
+    agree = {}
+    for c in cfg.dampings:
+        ref = results["runs"].get(f"c={c:g}/lyapunov")
+        for mode in cfg.modes:
+            r = results["runs"].get(f"c={c:g}/{mode}")
+            if ref and r and mode != "lyapunov":
+                diff = np.asarray(r["A_hat"]) - np.asarray(ref["A_hat"])
+                agree[f"c={c:g}/{mode}"] = float(np.abs(diff).max())
+    return agree
+
+
+def plot(results: dict, cfg: ImitationConfig, path: Path) -> Path:
+    """Fig. 4: imitation and model loss (mean ± std over inits) per backward mode, one row per damping."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(cfg.dampings)
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.0 * rows), squeeze=False)
+    styles = {"cg": ("C0", "-"), "gmres": ("C4", "-"), "dense": ("C1", "--"), "analytic": ("C2", ":"),
+              "lyapunov": ("C3", "-.")}
+    for row, c in enumerate(cfg.dampings):
+        for mode in cfg.modes:
+            r = results["runs"].get(f"c={c:g}/{mode}")
+            if r is None:
+                continue
+            its = np.asarray(r["eval_iterations"])
+            color, ls = styles.get(mode, ("k", "-"))
+            for col, keyname in enumerate(("imitation_loss", "model_loss")):
+                v = np.asarray(r[keyname], dtype=float)
+                mean, std = np.nanmean(v, 1), np.nanstd(v, 1)
+                ax = axes[row, col]
+                ax.plot(its, mean, color=color, ls=ls, lw=1.5, label=MODE_LABELS.get(mode, mode))
+                ax.fill_between(its, np.maximum(mean - std, 1e-12 if col == 0 else 0), mean + std,
+                                color=color, alpha=0.12)
+        axes[row, 0].set_yscale("log")
+        axes[row, 0].set_ylabel(f"c = {c:g}\nimitation loss")
+        axes[row, 1].set_ylabel("model loss ‖A − Â‖_F")
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"LQR imitation on the mass-spring-damper (mean ± std over {cfg.inits} inits)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("lqr-imitation", help="imitation learning through a differentiable DARE "
+                              "(paper Appx. C, Fig. 4)")
+    p.add_argument("--out", default="runs/lqr-imitation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=ImitationConfig.iterations)
+    p.add_argument("--inits", type=int, default=ImitationConfig.inits)
+    p.add_argument("--damping", type=float, nargs="+", default=list(DAMPINGS),
+                   help="damping value(s) c (default: 1 0.1 -0.6)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=("cg", "gmres", "dense", "analytic",
+                                                                       "lyapunov"))
+    p.add_argument("--lr", type=float, default=ImitationConfig.lr, help="Adam learning rate")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    cfg = ImitationConfig(dampings=tuple(args.damping), modes=tuple(args.modes), iterations=args.iterations,
+                          inits=args.inits, lr=args.lr, seed=args.seed)
+    res = run(cfg, args.out, progress=not args.no_progress)
+    for c, s in res["systems"].items():
+        print(f"c={c}: |eig(A)| = {np.round(s['eig_abs_A'], 6).tolist()}, stabilizable={s['stabilizable']}, "
+              f"DARE solvable, ρ(A − BK) = {s['spectral_radius_closed_loop']:.4f}")
+    worst = max(res["mode_agreement"].values(), default=float("nan"))
+    print(f"max |Â_mode − Â_lyapunov| over modes and dampings: {worst:.2e}")
+    print(f"figure: {res['figure']}\nresults: {Path(args.out) / 'results.json'}")
+    return 0
