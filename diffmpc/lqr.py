@@ -279,7 +279,10 @@ def _backward_krylov(S, A, B, Q, R, G, opts):
         jvp, vjp = jacobian_products(F, Sl)  # J u and Jᵀ u with J = ∂F/∂S
         method = {"cg": "normal_cg", "gmres": "gmres", "dense": "dense"}[opts["backward"]]
         # Jᵀ w = G: the operator is Jᵀ (a VJP), its transpose J (a JVP).
-        w, info = linalg.solve(method, vjp, G, rmatvec=jvp, rtol=opts["rtol"], max_iter=opts["max_iter"])
+        max_iter = opts["max_iter"]
+        if max_iter is None:  # the normal equations square the condition number: allow more than 2n²
+            max_iter = min(10 * S[0].numel() + 50, 2000)
+        w, info = linalg.solve(method, vjp, G, rmatvec=jvp, rtol=opts["rtol"], max_iter=max_iter)
         grads = torch.autograd.grad(F, leaves, grad_outputs=-w)
     bad = ~info.converged
     if bool(bad.any()):
@@ -378,7 +381,7 @@ def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapuno
             (symmetric part must be positive definite).
         backward: one of :data:`BACKWARDS` (see the module docstring); all give the same gradient.
         backward_tol: relative tolerance of the backward linear solve (default 1e-10 in float64, 1e-5 else).
-        backward_max_iter: iteration cap for ``"cg"`` / ``"gmres"``.
+        backward_max_iter: iteration cap for ``"cg"`` / ``"gmres"`` (default ``min(10 n² + 50, 2000)``).
         forward: ``"sda"`` (batched torch doubling, default) or ``"scipy"`` (``solve_discrete_are`` per
             sample).
 
