@@ -36,38 +36,42 @@ DISCRETIZATIONS = ("paper", "zoh")
 
 
 def msd_matrices(
-    damping: float = DAMPING,
-    mass: float = MASS,
-    stiffness: float = STIFFNESS,
+    damping: float | torch.Tensor = DAMPING,
+    mass: float | torch.Tensor = MASS,
+    stiffness: float | torch.Tensor = STIFFNESS,
     discretization: str = "paper",
     dt: float = DT,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The ``(A, B)`` of the discrete-time map ``x_{t+1} = A x_t + B u_t``, shapes ``(2, 2)`` and ``(2, 1)``.
+    r"""``(A, B)`` of the map ``x_{t+1} = A x_t + B u_t``, shapes ``(..., 2, 2)`` and ``(..., 2, 1)``.
 
     - ``"paper"`` (Appx. C): ``A = [[0, 1], [−k/m, −c/m]]``, ``B = [0, −1/m]ᵀ``, used directly as the map
       (``dt`` is ignored).
     - ``"zoh"``: zero-order hold of ``ẋ = A_c x + B_c u`` with ``A_c, B_c`` the matrices above, i.e.
       ``A = e^{A_c dt}``, ``B = ∫₀^dt e^{A_c s} ds B_c`` via the block-matrix exponential
       ``exp([[A_c, B_c], [0, 0]] dt) = [[A, B], [0, I]]``. Not the paper's dynamics.
+
+    The physical parameters may be tensors (batched over their broadcast shape ``...``, and differentiable:
+    gradients flow to ``damping`` etc. when they require grad); plain floats give ``(2, 2)`` and ``(2, 1)``.
     """
     if discretization not in DISCRETIZATIONS:
         raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
-    if not mass > 0:
-        raise ValueError(f"mass must be positive, got {mass}")
     kw = {"dtype": dtype, "device": device}
-    A = torch.tensor([[0.0, 1.0], [-stiffness / mass, -damping / mass]], **kw)
-    B = torch.tensor([[0.0], [-1.0 / mass]], **kw)
+    c, m, k = (torch.as_tensor(v, **kw) for v in (damping, mass, stiffness))
+    if not bool((m > 0).all()):
+        raise ValueError(f"mass must be positive, got {mass}")
+    c, m, k = torch.broadcast_tensors(c, m, k)
+    zero, one = torch.zeros_like(m), torch.ones_like(m)
+    A = torch.stack((torch.stack((zero, one), -1), torch.stack((-k / m, -c / m), -1)), -2)
+    B = torch.stack((zero, -1.0 / m), -1).unsqueeze(-1)
     if discretization == "paper":
         return A, B
     if not dt > 0:
         raise ValueError(f"dt must be positive for discretization='zoh', got {dt}")
-    block = torch.zeros(3, 3, **kw)
-    block[:2, :2] = A
-    block[:2, 2:] = B
+    block = torch.cat((torch.cat((A, B), -1), torch.zeros(*A.shape[:-2], 1, 3, **kw)), -2)
     E = torch.linalg.matrix_exp(block * dt)
-    return E[:2, :2].clone(), E[:2, 2:].clone()
+    return E[..., :2, :2], E[..., :2, 2:]
 
 
 def msd_cost_matrices(

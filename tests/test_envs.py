@@ -305,6 +305,20 @@ def test_msd_zoh_is_the_exact_discretisation():
     np.testing.assert_allclose(A.numpy() @ x0 + Bm.numpy()[:, 0] * u, sol, atol=1e-9)
     with pytest.raises(ValueError, match="discretization"):
         msd_matrices(discretization="euler")
+    with pytest.raises(ValueError, match="mass"):
+        msd_matrices(mass=0.0)
+
+
+@pytest.mark.parametrize("discretization", ["paper", "zoh"])
+def test_msd_matrices_batched_and_differentiable(discretization):
+    c = torch.tensor([1.0, 0.1, -0.6], dtype=torch.float64, requires_grad=True)
+    A, Bm = msd_matrices(damping=c, discretization=discretization)
+    assert A.shape == (3, 2, 2) and Bm.shape == (3, 2, 1)
+    for i in range(3):
+        Ai, Bi = msd_matrices(damping=float(c.detach()[i]), discretization=discretization)
+        torch.testing.assert_close(A[i], Ai)
+        torch.testing.assert_close(Bm[i], Bi)
+    assert torch.autograd.gradcheck(lambda c: msd_matrices(damping=c, discretization=discretization), (c,))
 
 
 def test_msd_env_matches_matrices_and_cost():
