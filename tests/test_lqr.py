@@ -286,3 +286,17 @@ def test_cli_registers_subcommand(tmp_path):
                                       "--iterations", "7", "--inits", "2", "--damping", "-0.6"])
     assert args.iterations == 7 and args.inits == 2 and args.damping == [-0.6] and args.seed == 3
     assert callable(args.handler)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    A, B, Q, R = problem(4, 2, batch=(2,), seed=15)
+    W = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(16), dtype=F64)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        leaves = [x.to(dev).requires_grad_() for x in (A, B, Q, R)]
+        K = dlqr(*leaves)
+        assert K.device.type == dev
+        out[dev] = [K.detach().cpu()] + [g.cpu() for g in torch.autograd.grad((K * W.to(dev)).sum(), leaves)]
+    for a, b in zip(out["cpu"], out["cuda"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
