@@ -220,3 +220,103 @@ def test_bad_inputs_raise_clear_errors():
         odeint(f, y0, t.view(1, -1))
     with pytest.raises(ValueError, match="explicit"):
         odeint(f, y0, t, method="euler", backward="cg")
+
+
+# --- Table 1 data and job ---------------------------------------------------------------------------------
+
+def test_generated_series_follow_the_footnotes():
+    from scipy.integrate import solve_ivp
+
+    from diffmpc.experiments.ode_data import SPIRAL_A, spiral, van_der_pol
+
+    vdp = van_der_pol()
+    assert vdp.x.shape == (320, 2) and (vdp.n_train, vdp.n_val, vdp.n_test) == (107, 106, 107)
+    assert abs(vdp.dt - 0.1) < 1e-12 and abs(vdp.x[:, 0]).max() < 2.1  # on the μ=3 limit cycle
+    ref = solve_ivp(lambda _, s: [s[1], 3 * (1 - s[0] ** 2) * s[1] - s[0]], (0, 5.0), [2.0, 0.0],
+                    method="DOP853", rtol=1e-11, atol=1e-12).y[:, -1]
+    assert abs(vdp.x[50] - ref).max() < 1e-6
+    sp = spiral()
+    assert sp.x.shape == (300, 2) and (sp.n_train, sp.n_val, sp.n_test) == (100, 50, 150)
+    ref = solve_ivp(lambda _, s: (s**3) @ SPIRAL_A, (0, 10.0), [2.0, 0.0], method="DOP853", rtol=1e-11,
+                    atol=1e-12).y[:, -1]
+    assert abs(sp.x[100] - ref).max() < 1e-6
+
+
+def _fake_mat(path, n=(3, 2, 2), frames=12, feat=5, drop=None):
+    from scipy.io import savemat
+
+    rng = torch.Generator().manual_seed(0)
+    arrays = {k: torch.randn(m, frames, feat, generator=rng, dtype=D64).numpy()
+              for k, m in zip(("Xtr", "Xval", "Xtest"), n, strict=True)}
+    if drop:
+        arrays.pop(drop)
+    savemat(str(path), arrays)
+    return path
+
+
+def test_cmu_loader_checks_sha_keys_and_presence(tmp_path):
+    from diffmpc.experiments.ode_data import load_cmu
+
+    path = _fake_mat(tmp_path / "fake.mat")
+    data = load_cmu(path, sha256=None)
+    assert data["Xtr"].shape == (3, 12, 5) and data["Xtest"].shape == (2, 12, 5)
+    with pytest.raises(ValueError, match="sha256"):
+        load_cmu(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_cmu(tmp_path / "absent.mat")
+    with pytest.raises(ValueError, match="Xval"):
+        load_cmu(_fake_mat(tmp_path / "bad.mat", drop="Xval"), sha256=None)
+
+
+def test_real_cmu_file_if_present():
+    from diffmpc.experiments.ode_data import CMU_DEFAULT_PATH, load_cmu
+
+    if not CMU_DEFAULT_PATH.is_file():
+        pytest.skip(f"CMU walking data not available at {CMU_DEFAULT_PATH}")
+    data = load_cmu()
+    assert [data[k].shape for k in ("Xtr", "Xval", "Xtest")] == [(16, 300, 50), (3, 300, 50), (4, 300, 50)]
+
+
+def test_training_checkpoint_resumes(tmp_path):
+    from dataclasses import replace
+
+    from diffmpc.experiments.ode_data import spiral
+    from diffmpc.experiments.table1 import PRESETS, train_series
+
+    p = replace(PRESETS["quick"], iters=2, batch=4, window=3, ckpt_every=1, eval_every=1)
+    ck = tmp_path / "run.ckpt"
+    first = train_series(spiral(), "beuler_ift_cg", 0, p, ck)
+    assert ck.is_file() and first["iters"] == 2 and len(first["history"]) == 2
+    more = train_series(spiral(), "beuler_ift_cg", 0, replace(p, iters=3), ck)
+    assert more["iters"] == 3 and [h["iter"] for h in more["history"]] == [1, 2, 3]
+    assert more["history"][:2] == first["history"]
+
+
+def test_cmu_model_trains_on_synthetic_data():
+    from dataclasses import replace
+
+    from diffmpc.experiments.table1 import CMU_PRESETS, train_cmu
+
+    rng = torch.Generator().manual_seed(1)
+    data = {k: torch.randn(m, 12, 5, generator=rng, dtype=D64).numpy()
+            for k, m in (("Xtr", 3), ("Xval", 2), ("Xtest", 2))}
+    p = replace(CMU_PRESETS["quick"], iters=2, batch=2, window=4, eval_every=1)
+    res = train_cmu(data, "beuler_ift_cg", 0, p)
+    assert res["iters"] == 2 and res["test_mse"] > 0
+
+
+def test_table1_cli_writes_results_and_resumes(tmp_path):
+    import json
+
+    from diffmpc.cli import main
+
+    out = tmp_path / "t1"
+    argv = ["table1", "--task", "spiral", "--runs", "2", "--iters", "2", "--methods", "beuler_ift_cg",
+            "euler_adjoint", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["table"]["beuler_ift_cg"]["n"] == 2 and res["runs"] == 2
+    assert (out / "table1_spiral.md").read_text().count("|") > 10
+    stamp = (out / "runs" / "beuler_ift_cg_run01.json").stat().st_mtime_ns
+    assert main(argv) == 0  # everything is done: nothing is retrained
+    assert (out / "runs" / "beuler_ift_cg_run01.json").stat().st_mtime_ns == stamp

@@ -143,8 +143,9 @@ class _Trainer:
         while self.it < self.p.iters:
             t0 = time.perf_counter()
             loss = loss_fn(self.gen)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"training loss is {float(loss)} at iteration {self.it}")
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training loss is {loss_value} at iteration {self.it}")
             self.opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(self.m.parameters(), self.p.clip)
@@ -155,12 +156,12 @@ class _Trainer:
             if self.it % self.p.eval_every == 0 or self.it == self.p.iters:
                 with torch.no_grad():
                     val = float(val_fn())
-                self.history.append({"iter": self.it, "loss": float(loss), "val_mse": val})
+                self.history.append({"iter": self.it, "loss": loss_value, "val_mse": val})
                 if math.isfinite(val) and val < self.best:
                     self.best = val
                     self.best_state = {k: v.clone() for k, v in self.m.state_dict().items()}
                 if progress is not None:
-                    progress.set_postfix(it=self.it, loss=f"{float(loss):.3g}", val=f"{val:.3g}")
+                    progress.set_postfix(it=self.it, loss=f"{loss_value:.3g}", val=f"{val:.3g}")
             if self.it % self.p.ckpt_every == 0:
                 self.save()
         if self.best_state is not None:
