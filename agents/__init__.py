@@ -1,0 +1,25 @@
+"""Agents: the differentiable MPC policy, the cart-pole sampling expert and its dataset, imitation learners.
+
+Names are imported lazily (``agents.MPCPolicy`` loads :mod:`agents.mpc_policy` on first use), so importing one
+agent never pulls in the others' dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "MPCPolicy": "mpc_policy",
+    "ExpertConfig": "expert", "SamplingExpert": "expert", "evaluate_expert": "expert",
+    "run_episode": "expert",
+    "ExpertDataset": "dataset", "DatasetError": "dataset", "generate_dataset": "dataset",
+    "load_dataset": "dataset", "save_dataset": "dataset",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'agents' has no attribute {name!r}")

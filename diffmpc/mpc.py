@@ -9,12 +9,12 @@ Problem. For an observed state ``x_obs`` the layer returns the plan
 with any batched callables / ``nn.Module``s ``h(x (B, n), u (B, m)) -> (B, n)`` and ``c -> (B,)``.
 The dynamics are substituted into the cost (single shooting), so the only unknowns are the controls.
 
-Cost convention (``cost_on``). A cost with two positional arguments ``c(x, u)`` is a stage cost on the
-*current* state, ``Σ_{t=0}^{H-1} c(x_t, u_t)`` (the textbook / ``mpc.pytorch`` form). A *state-only* cost
-``c(x)`` (one positional argument, e.g. the cart-pole cost or a learned state cost) is evaluated at the
-*next* state, ``Σ_{t=0}^{H-1} c(x_{t+1})`` — at the current state the last control would not enter the
-objective and the Hessian would be singular. ``cost_on="next"`` with a two-argument cost gives
-``Σ c(x_{t+1}, u_t)``. An optional ``terminal_cost(x_H)`` is added.
+Cost convention (``cost_on``). A cost with two required positional arguments ``c(x, u)`` is a stage cost
+on the *current* state, ``Σ_{t=0}^{H-1} c(x_t, u_t)`` (the textbook / ``mpc.pytorch`` form). A
+*state-only* cost ``c(x)`` (one required positional argument, e.g. the cart-pole cost or a learned state
+cost) is evaluated at the *next* state, ``Σ_{t=0}^{H-1} c(x_{t+1})`` — at the current state the last
+control would not enter the objective and the Hessian would be singular. ``cost_on="next"`` with a
+two-argument cost gives ``Σ c(x_{t+1}, u_t)``. An optional ``terminal_cost(x_H)`` is added.
 
 Bounds. The box is removed by the smooth reparametrisation ``u = mid + half·tanh(z)`` (mid/half: centre and
 half-width of the box) and the layer solves for ``z ∈ ℝ^{H×m}``:
@@ -107,17 +107,20 @@ class MPCInfo:
 
 
 def _positional_arity(fn: Callable) -> int:
-    """Number of positional parameters of ``fn`` (its ``forward`` for modules); 2 if unknown or *args."""
+    """Required positional parameters of ``fn`` (its ``forward`` for modules); 2 if unknown or *args.
+
+    ``c(x)`` and ``c(x, width=0.25)`` count 1 (state-only costs), ``c(x, u)`` counts 2.
+    """
     target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
         return 2
-    kinds = [p.kind for p in sig.parameters.values()]
-    if inspect.Parameter.VAR_POSITIONAL in kinds:
+    params = list(sig.parameters.values())
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
         return 2
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(k in positional for k in kinds)
+    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
 
 
 def _bound(value: Any, name: str) -> Tensor | None:

@@ -1,0 +1,307 @@
+"""Tests of the MPC layer (diffmpc.mpc), its samplers (diffmpc.sampling) and modules (diffmpc.nn).
+
+Gradients are checked in float64 against the closed-form finite-horizon LQR solution (Riccati recursion,
+differentiated by autograd) and against central finite differences of the layer itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from diffmpc import MPC, ConvergenceWarning
+from diffmpc.nn import MLPDynamics, QuadraticCost, SaturatingCost, TargetStateCost
+from diffmpc.sampling import cem, random_shooting, shift_plan
+
+DT = torch.float64
+
+
+def lq_problem(n=3, m=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.eye(n, dtype=DT) + 0.2 * torch.randn(n, n, generator=g, dtype=DT)).requires_grad_()
+    B = torch.randn(n, m, generator=g, dtype=DT).requires_grad_()
+    q = (0.5 + torch.rand(n, generator=g, dtype=DT)).requires_grad_()
+    r = (0.5 + torch.rand(m, generator=g, dtype=DT)).requires_grad_()
+
+    def dyn(x, u):
+        return x @ A.T + u @ B.T
+
+    def cost(x, u):
+        return 0.5 * (q * x * x).sum(-1) + 0.5 * (r * u * u).sum(-1)
+
+    def terminal(x):
+        return 0.5 * (q * x * x).sum(-1)
+
+    return A, B, q, r, dyn, cost, terminal
+
+
+def riccati_plan(A, B, q, r, x0, H):
+    """Closed-form open-loop plan of the finite-horizon LQ problem (backward Riccati, forward rollout)."""
+    Q, R = torch.diag(q), torch.diag(r)
+    P, gains = Q, []
+    for _ in range(H):
+        K = torch.linalg.solve(R + B.T @ P @ B, B.T @ P @ A)
+        P = Q + A.T @ P @ (A - B @ K)
+        gains.append(K)
+    x, us = x0, []
+    for K in reversed(gains):
+        u = -x @ K.T
+        us.append(u)
+        x = x @ A.T + u @ B.T
+    return torch.stack(us, 1)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("backward", ["cg", "dense"])
+def test_lq_matches_riccati_plan_and_gradients(bounded, backward):
+    H, n, m = 6, 3, 2
+    A, B, q, r, dyn, cost, terminal = lq_problem(n, m)
+    x0 = torch.randn(5, n, dtype=DT, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    kw = dict(u_low=-50.0, u_high=50.0, action_dim=m, bound_reg=0.0, n_samples=32, seed=0) if bounded else \
+        dict(action_dim=m, sampler=None)
+    mpc = MPC(dyn, cost, H, terminal_cost=terminal, params=[A, B, q, r], backward=backward, **kw)
+    u, info = mpc(x0)
+    ref = riccati_plan(A, B, q, r, x0, H)
+    assert u.shape == (5, H, m)
+    assert torch.allclose(u, ref, atol=1e-8)
+    assert bool(info.converged.all()) and float(info.stationarity_residual.max()) < 1e-8
+    w = torch.randn_like(u)
+    got = torch.autograd.grad((u * w).sum(), [x0, A, B, q, r])
+    want = torch.autograd.grad((ref * w).sum(), [x0, A, B, q, r])
+    for g1, g2 in zip(got, want, strict=True):
+        assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-8)
+    assert info.implicit.backward is not None and bool(info.implicit.backward.converged.all())
+
+
+def pendulum_problem():
+    """A nonlinear, bounded, 2-state problem with learnable dynamics parameters (float64)."""
+    theta = torch.tensor([0.1, 1.0, 0.5], dtype=DT, requires_grad=True)  # damping, gain, target
+
+    def dyn(x, u):
+        th, om = x[:, 0], x[:, 1]
+        om2 = om + 0.1 * (-torch.sin(th) - theta[0] * om + theta[1] * u[:, 0])
+        return torch.stack([th + 0.1 * om2, om2], -1)
+
+    def cost(x, u):
+        return (x[:, 0] - theta[2]) ** 2 + 0.1 * x[:, 1] ** 2 + 0.01 * u[:, 0] ** 2
+
+    return theta, dyn, cost
+
+
+def finite_difference(fn, t, eps=1e-6):
+    flat = t.detach().clone().flatten()
+    out = []
+    for i in range(flat.numel()):
+        hi, lo = flat.clone(), flat.clone()
+        hi[i] += eps
+        lo[i] -= eps
+        out.append((fn(hi.view_as(t)) - fn(lo.view_as(t))) / (2 * eps))
+    return torch.stack(out).view_as(t)
+
+
+@pytest.mark.parametrize("u_max", [5.0, 0.6])  # 5: interior optimum; 0.6: several controls at the bound
+def test_bounded_nonlinear_gradients_match_finite_differences(u_max):
+    theta, dyn, cost = pendulum_problem()
+    x0 = torch.tensor([[0.3, -0.2], [-0.4, 0.5]], dtype=DT, requires_grad=True)
+    mpc = MPC(dyn, cost, 8, -u_max, u_max, params=[theta], sampler=None, tol=1e-11)
+    u, info = mpc(x0)
+    assert float(info.stationarity_residual.max()) < 1e-10
+    at_bound = (u.abs() > u_max - 1e-2)
+    assert bool(at_bound.any()) == (u_max < 1)
+    w = torch.linspace(-1, 1, u.numel(), dtype=DT).view_as(u)
+    gx, gth = torch.autograd.grad((u * w).sum(), [x0, theta])
+
+    def loss_x(x):
+        with torch.no_grad():
+            return (mpc(x)[0] * w).sum()
+
+    def loss_th(t):
+        with torch.no_grad():
+            old = theta.detach().clone()
+            theta.data.copy_(t)
+            try:
+                return (mpc(x0.detach())[0] * w).sum()
+            finally:
+                theta.data.copy_(old)
+
+    assert torch.allclose(gx, finite_difference(loss_x, x0), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(gth, finite_difference(loss_th, theta), rtol=1e-4, atol=1e-6)
+
+
+def test_active_bound_has_near_zero_sensitivity():
+    # Target far away: the first controls saturate; their derivative w.r.t. x0 must vanish (active set).
+    def dyn(x, u):
+        return x + 0.1 * u
+
+    def cost(x):  # state-only: evaluated at the next state, so every control matters
+        return ((x - 10.0) ** 2).sum(-1)
+
+    x0 = torch.zeros(1, 1, dtype=DT, requires_grad=True)
+    mpc = MPC(dyn, cost, 4, -1.0, 1.0, sampler=None)
+    u, info = mpc(x0)
+    assert bool(info.converged.all())
+    assert torch.allclose(u, torch.ones_like(u), atol=1e-3)
+    (g,) = torch.autograd.grad(u[0, 0, 0], x0)
+    assert abs(float(g)) < 1e-3
+
+
+def test_batched_solve_equals_individual_solves():
+    theta, dyn, cost = pendulum_problem()
+    x0 = torch.tensor([[0.3, -0.2], [-0.4, 0.5], [1.0, 0.0]], dtype=DT)
+    mpc = MPC(dyn, cost, 6, -1.0, 1.0, params=[theta], sampler=None)
+    u_all, _ = mpc(x0)
+    for i in range(3):
+        u_i, _ = mpc(x0[i])
+        assert u_i.shape == (6, 1)
+        assert torch.allclose(u_all[i], u_i, atol=1e-7)
+
+
+def test_samplers_and_warm_start():
+    theta, dyn, cost = pendulum_problem()
+    x0 = torch.tensor([[0.3, -0.2], [-0.4, 0.5]], dtype=DT)
+    low, high = torch.tensor([-1.0], dtype=DT), torch.tensor([1.0], dtype=DT)
+    mpc = MPC(dyn, cost, 5, -1.0, 1.0, sampler="rs", n_samples=64, seed=3)
+
+    u_rs, c_rs = random_shooting(mpc.horizon_cost, x0, 5, low, high, 64,
+                                 generator=torch.Generator().manual_seed(0))
+    assert u_rs.shape == (2, 5, 1) and bool((u_rs.abs() <= 1).all())
+    assert torch.allclose(c_rs, mpc.horizon_cost(x0, u_rs))
+    u_cem, c_cem = cem(mpc.horizon_cost, x0, 5, low, high, 64, 8, 4,
+                       generator=torch.Generator().manual_seed(0))
+    assert bool((c_cem <= c_rs + 1e-12).all())  # 4 CEM rounds of 64 beat one RS round of 64 here
+    # a warm start is always a candidate: the sampler can only improve on it
+    u_opt, info = mpc(x0)
+    _, c_warm = random_shooting(mpc.horizon_cost, x0, 5, low, high, 4, u_init=u_opt)
+    assert torch.allclose(c_warm, info.cost)
+    assert bool((info.cost <= info.sample_cost + 1e-12).all())  # refinement never goes uphill
+    assert torch.equal(shift_plan(u_opt)[:, :-1], u_opt[:, 1:])
+    assert torch.equal(shift_plan(u_opt)[:, -1], u_opt[:, -1])
+    # deterministic under a seed
+    mpc.seed(7)
+    a, _ = mpc(x0)
+    mpc.seed(7)
+    b, _ = mpc(x0)
+    assert torch.equal(a, b)
+
+
+def test_state_only_cost_is_evaluated_at_next_state():
+    calls = []
+
+    def dyn(x, u):
+        return x + u
+
+    def cost(x):
+        calls.append(x.clone())
+        return (x * x).sum(-1)
+
+    mpc = MPC(dyn, cost, 3, -5.0, 5.0, sampler=None, bound_reg=0.0)
+    assert mpc.settings.cost_on == "next" and mpc.settings.state_only_cost
+    x0 = torch.tensor([[1.0]], dtype=DT)
+    u = torch.tensor([[[0.5], [0.5], [0.5]]], dtype=DT)
+    calls.clear()
+    assert torch.allclose(mpc.horizon_cost(x0, u), torch.tensor([1.5**2 + 2**2 + 2.5**2], dtype=DT))
+    u_star, _ = mpc(x0)
+    assert torch.allclose(u_star[0, 0], torch.tensor([-1.0], dtype=DT), atol=1e-6)
+    with pytest.raises(ValueError, match="ignores the last control"):
+        MPC(dyn, cost, 3, -1.0, 1.0, cost_on="current")
+
+
+def test_bad_inputs_give_clear_errors():
+    theta, dyn, cost = pendulum_problem()
+    with pytest.raises(ValueError, match="strictly below"):
+        MPC(dyn, cost, 5, 1.0, -1.0)
+    with pytest.raises(ValueError, match="both u_low and u_high"):
+        MPC(dyn, cost, 5, -1.0, None)
+    with pytest.raises(ValueError, match="horizon"):
+        MPC(dyn, cost, 0, -1.0, 1.0)
+    with pytest.raises(ValueError, match="action_dim"):
+        MPC(dyn, cost, 5)
+    with pytest.raises(ValueError, match="sampler"):
+        MPC(dyn, cost, 5, -1.0, 1.0, sampler="grid")
+    mpc = MPC(dyn, cost, 5, -1.0, 1.0, sampler=None)
+    with pytest.raises(ValueError, match="x0 must have shape"):
+        mpc(torch.zeros(2, 2, 2, dtype=DT))
+    with pytest.raises(ValueError, match="u_init must have shape"):
+        mpc(torch.zeros(2, 2, dtype=DT), u_init=torch.zeros(2, 4, 1, dtype=DT))
+    with pytest.raises(TypeError, match="floating-point"):
+        mpc(torch.zeros(2, 2, dtype=torch.long))
+    bad = MPC(lambda x, u: x[:, :1], cost, 5, -1.0, 1.0, sampler=None)
+    with pytest.raises(ValueError, match="next state shaped like x"):
+        bad(torch.zeros(2, 2, dtype=DT))
+    bad_cost = MPC(dyn, lambda x, u: x, 5, -1.0, 1.0, sampler=None)
+    with pytest.raises(ValueError, match="one value per sample"):
+        bad_cost(torch.zeros(2, 2, dtype=DT))
+
+
+def test_non_convergence_warns_with_residuals():
+    theta, dyn, cost = pendulum_problem()
+    mpc = MPC(dyn, cost, 8, -1.0, 1.0, sampler=None, max_iter=1)
+    with pytest.warns(ConvergenceWarning, match="not stationary"):
+        mpc(torch.tensor([[2.0, 1.0]], dtype=DT))
+
+
+def test_neural_dynamics_and_learnable_costs_get_correct_gradients():
+    torch.manual_seed(0)
+    dyn = MLPDynamics(2, 1, hidden=(16,)).double()
+    cost = QuadraticCost(torch.tensor([1.0, 0.1]), torch.tensor([0.05]), learn=("Q", "target")).double()
+    mpc = MPC(dyn, cost, 5, -1.0, 1.0, sampler="rs", n_samples=32, seed=0, tol=1e-11)
+    x0 = torch.tensor([[0.5, -0.3], [-0.2, 0.1]], dtype=DT)
+    u, info = mpc(x0)
+    assert bool(info.converged.all())
+    params = mpc.parameters_for_gradient()
+    assert len(params) == len(list(dyn.parameters())) + 2
+    w = torch.linspace(-1, 1, u.numel(), dtype=DT).view_as(u)
+    grads = torch.autograd.grad((u * w).sum(), params)
+    # compare the gradient of the cost target (and one MLP weight) with finite differences, warm-started
+    # from the solution so that the perturbed solve stays in the same basin
+    plan = u.detach()
+    for p, g in [(cost.target, grads[-1]), (dyn.net[-1].bias, grads[len(list(dyn.parameters())) - 1])]:
+        def loss(v, p=p):
+            old = p.detach().clone()
+            with torch.no_grad():
+                p.copy_(v)
+                try:
+                    return (MPC(dyn, cost, 5, -1.0, 1.0, sampler=None, tol=1e-11)(x0, plan)[0] * w).sum()
+                finally:
+                    p.copy_(old)
+        assert torch.allclose(g, finite_difference(loss, p), rtol=1e-4, atol=1e-6)
+
+
+def test_cost_modules():
+    cost = QuadraticCost(torch.tensor([[2.0, 0.5], [0.5, 1.0]]), torch.tensor([[0.3]]), diag=False).double()
+    assert torch.allclose(cost.Q, torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT), atol=1e-12)
+    x, u = torch.tensor([[1.0, 2.0]], dtype=DT), torch.tensor([[3.0]], dtype=DT)
+    assert torch.allclose(cost(x, u), torch.tensor([0.5 * (2 + 2 + 4) + 0.5 * 0.3 * 9], dtype=DT))
+    tc = TargetStateCost(torch.tensor([1.0, 0.0], dtype=DT), torch.tensor([2.0, 1.0], dtype=DT))
+    assert torch.allclose(tc(x), torch.tensor([0.0 + 4.0], dtype=DT))
+    sc = SaturatingCost(torch.zeros(2, dtype=DT), width=0.5)
+    assert torch.allclose(sc(x), 1 - torch.exp(torch.tensor([-0.5 * (4 + 16)], dtype=DT)))
+    assert float(sc(torch.zeros(1, 2, dtype=DT)).detach()) == 0.0
+    with pytest.raises(ValueError, match="last dimension"):
+        tc(torch.zeros(1, 3, dtype=DT))
+    dyn = MLPDynamics(4, 1)
+    assert dyn(torch.zeros(7, 4), torch.zeros(7, 1)).shape == (7, 4)
+
+
+@pytest.mark.slow  # minutes on a shared CPU: L-BFGS needs hundreds of rollouts through 40 RK4 substeps
+def test_cartpole_true_model_refinement_is_stationary_and_differentiable():
+    envs = pytest.importorskip("envs")
+    mpc = MPC(lambda x, u: envs.cartpole_dynamics(x, u), envs.cartpole_cost, 10, -1.0, 1.0,
+              n_samples=200, seed=0, tol=1e-6, solver="lbfgs", max_iter=1000)
+    x0 = torch.tensor([[0.0, 0.0, 0.1, 0.0], [0.1, 0.2, -0.1, 0.3]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        u, info = mpc(x0)
+    assert bool((info.cost <= info.sample_cost).all())
+    (g,) = torch.autograd.grad(u[:, 0, 0].sum(), x0)
+    plan = u.detach()
+
+    def first_action(x):
+        with torch.no_grad():
+            return MPC(lambda x, u: envs.cartpole_dynamics(x, u), envs.cartpole_cost, 10, -1.0, 1.0,
+                       sampler=None, tol=1e-6, solver="lbfgs", max_iter=1000)(x, plan)[0][:, 0, 0].sum()
+
+    fd = finite_difference(first_action, x0, eps=1e-5)
+    assert torch.allclose(g, fd, rtol=1e-3, atol=1e-5)
