@@ -10,7 +10,8 @@ x₀ = [0, 3]. Each iteration picks a random start x_t on it and rolls the *lear
 
 and its gradient flows through K(Â), i.e. through the DARE, by the selected IFT backward mode. The model
 loss ``‖A − Â‖_F`` tracks whether the dynamics themselves are recovered. Â starts at A + U[−0.5, 0.5] per
-entry, 5 initialisations (batched: the DARE layer solves all of them in one call), 3000 Adam steps.
+entry, 5 initialisations (batched: the DARE layer solves all of them in one call), 3000 Adam steps (step
+size 1e-2, cosine-annealed to 0; ``--constant-lr`` keeps it fixed).
 
 Every backward mode computes the same gradient up to solver tolerance, so the curves of the modes must
 coincide; what differs is their cost (see ``benchmarks/dare_backward.py``). This module imports only
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ class ImitationConfig:
     trajectory: int = 50
     init_noise: float = 0.5
     lr: float = 1e-2
+    cosine: bool = True  # cosine-anneal the Adam step size to 0 over the run
     eval_every: int = 10
     seed: int = 0
     x0: tuple[float, ...] = field(default=X0)
@@ -120,6 +123,8 @@ def train(cfg: ImitationConfig, damping: float, mode: str, progress: bool = True
         tb = time.perf_counter()
         loss.sum().backward()  # the inits are independent problems: their gradients do not mix
         backward_s += time.perf_counter() - tb
+        if cfg.cosine:
+            opt.param_groups[0]["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
         opt.step()
         train_loss.append(loss.detach().tolist())
     wall = time.perf_counter() - t0
@@ -216,40 +221,51 @@ def _agreement(results: dict, cfg: ImitationConfig) -> dict[str, float]:
 
 
 def plot(results: dict, cfg: ImitationConfig, path: Path) -> Path:
-    """Fig. 4: imitation and model loss (mean ± std over inits) per backward mode, one row per damping."""
+    """Fig. 4: imitation loss, model loss (over inits: geometric mean ×/÷ geometric std for the log-scale
+    imitation loss, mean ± std for the model loss) for every backward mode, and each mode's backward time;
+    one row per damping."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = len(cfg.dampings)
-    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(14, 3.1 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 0.6]})
     styles = {"cg": ("C0", "-"), "gmres": ("C4", "-"), "dense": ("C1", "--"), "analytic": ("C2", ":"),
               "lyapunov": ("C3", "-.")}
     for row, c in enumerate(cfg.dampings):
+        times, names, colors = [], [], []
         for mode in cfg.modes:
             r = results["runs"].get(f"c={c:g}/{mode}")
             if r is None:
                 continue
             its = np.asarray(r["eval_iterations"])
             color, ls = styles.get(mode, ("k", "-"))
-            for col, keyname in enumerate(("imitation_loss", "model_loss")):
-                v = np.asarray(r[keyname], dtype=float)
-                mean, std = np.nanmean(v, 1), np.nanstd(v, 1)
-                ax = axes[row, col]
-                ax.plot(its, mean, color=color, ls=ls, lw=1.5, label=MODE_LABELS.get(mode, mode))
-                ax.fill_between(its, np.maximum(mean - std, 1e-12 if col == 0 else 0), mean + std,
-                                color=color, alpha=0.12)
+            label = MODE_LABELS.get(mode, mode)
+            logv = np.log10(np.asarray(r["imitation_loss"], dtype=float))
+            mu, sd = np.nanmean(logv, 1), np.nanstd(logv, 1)
+            axes[row, 0].plot(its, 10 ** mu, color=color, ls=ls, lw=1.3, label=label)
+            axes[row, 0].fill_between(its, 10 ** (mu - sd), 10 ** (mu + sd), color=color, alpha=0.08)
+            v = np.asarray(r["model_loss"], dtype=float)
+            mean, std = v.mean(1), v.std(1)
+            axes[row, 1].plot(its, mean, color=color, ls=ls, lw=1.3, label=label)
+            axes[row, 1].fill_between(its, np.maximum(mean - std, 0), mean + std, color=color, alpha=0.08)
+            times.append(1e3 * r["backward_s"] / max(1, len(r["train_loss"])))
+            names.append(mode)
+            colors.append(color)
+        axes[row, 2].barh(names, times, color=colors)
         axes[row, 0].set_yscale("log")
         axes[row, 0].set_ylabel(f"c = {c:g}\nimitation loss")
         axes[row, 1].set_ylabel("model loss ‖A − Â‖_F")
-    for ax in axes[-1]:
+        axes[row, 2].set_xlabel("backward ms / iteration")
+    for ax in axes[-1, :2]:
         ax.set_xlabel("iteration")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"LQR imitation on the mass-spring-damper (mean ± std over {cfg.inits} inits)")
+    fig.suptitle(f"LQR imitation on the mass-spring-damper ({cfg.inits} inits; shaded: ±1 std)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -266,6 +282,7 @@ def register(subparsers) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=("cg", "gmres", "dense", "analytic",
                                                                        "lyapunov"))
     p.add_argument("--lr", type=float, default=ImitationConfig.lr, help="Adam learning rate")
+    p.add_argument("--constant-lr", action="store_true", help="no cosine annealing of the step size")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_main)
 
@@ -273,7 +290,7 @@ def register(subparsers) -> None:
 def _main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     cfg = ImitationConfig(dampings=tuple(args.damping), modes=tuple(args.modes), iterations=args.iterations,
-                          inits=args.inits, lr=args.lr, seed=args.seed)
+                          inits=args.inits, lr=args.lr, seed=args.seed, cosine=not args.constant_lr)
     res = run(cfg, args.out, progress=not args.no_progress)
     for c, s in res["systems"].items():
         print(f"c={c}: |eig(A)| = {np.round(s['eig_abs_A'], 6).tolist()}, stabilizable={s['stabilizable']}, "
