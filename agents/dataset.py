@@ -140,8 +140,7 @@ def generate_dataset(path: str | os.PathLike, episodes: int = 100, seed: int = 0
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     config = config or ExpertConfig()
     env_id = env_id or envs.CARTPOLE_ID
-    meta = {"env_id": env_id, "start_variance": start_variance, "seed": seed, "expert": asdict(config),
-            "target_episodes": episodes}
+    meta = {"env_id": env_id, "start_variance": start_variance, "seed": seed, "expert": asdict(config)}
     path = Path(path)
     partial = path.with_name(path.name + ".partial.npz")
     states, actions, costs = [], [], []

@@ -52,7 +52,7 @@ class ExpertConfig:
             raise ValueError(f"unknown planner {self.planner!r}; choose one of {PLANNERS}")
         if self.horizon < 1 or self.n_samples < 1 or self.cem_iterations < 1 or self.substeps < 1:
             raise ValueError("horizon, n_samples, cem_iterations and substeps must be >= 1")
-        if not 1 <= self.n_elites <= self.n_samples:
+        if self.planner == "cem" and not 1 <= self.n_elites <= self.n_samples:
             raise ValueError(f"n_elites must be in [1, n_samples], got {self.n_elites}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
