@@ -197,8 +197,8 @@ def run(cfg: ImitationConfig, out: str | Path, progress: bool = True) -> dict[st
             results["runs"][key] = train(cfg, c, mode, progress)
             r = results["runs"][key]
             print(f"c={c:g} {mode:9s}: imitation {r['final_imitation_loss_mean']:.3e} ± "
-                  f"{r['final_imitation_loss_std']:.1e}, model ‖A−Â‖ {r['final_model_loss_mean']:.3f} ± "
-                  f"{r['final_model_loss_std']:.3f}, {r['wall_s']:.1f}s (backward {r['backward_s']:.1f}s)",
+                  f"{r['final_imitation_loss_std']:.1e}, model ‖A−Â‖ {r['final_model_loss_mean']:.2e} ± "
+                  f"{r['final_model_loss_std']:.1e}, {r['wall_s']:.1f}s (backward {r['backward_s']:.1f}s)",
                   flush=True)
             write_results(out, results)
     results["mode_agreement"] = _agreement(results, cfg)

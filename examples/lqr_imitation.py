@@ -32,7 +32,7 @@ def main() -> None:
 
     for key, r in res["runs"].items():
         imit = f"{r['final_imitation_loss_mean']:.2e} ± {r['final_imitation_loss_std']:.1e}"
-        model = f"{r['final_model_loss_mean']:.3f} ± {r['final_model_loss_std']:.3f}"
+        model = f"{r['final_model_loss_mean']:.2e} ± {r['final_model_loss_std']:.1e}"
         print(f"{key:16s} imitation loss {imit}   ‖A − Â‖ {model}   {r['wall_s']:.0f}s")
     print(f"figure: {res['figure']}")
 
