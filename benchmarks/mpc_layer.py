@@ -1,4 +1,4 @@
-"""MPC layer forward + backward: diffmpc.MPC (sampling + Newton-CG, IFT/CG backward) vs mpc.pytorch (iLQR).
+"""MPC layer forward + backward: diffmpc.MPC (sampling + Newton, IFT/CG backward) vs mpc.pytorch (iLQR).
 
 Problem: batch of 64 cart-pole-sized problems (n = 4, m = 1, H = 10), residual MLP dynamics
 (4+1 → 32 → 32 → 4, tanh), quadratic cost ``½ xᵀQx + ½ uᵀRu`` on (x_t, u_t), t = 0..H−1, controls boxed
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for sampler in (None, "rs"):
         res = ours(problem, repeat, sampler)
         info = res["info"]
-        row = {"method": f"diffmpc.MPC (sampler={sampler}, Newton-CG, IFT-CG)",
+        row = {"method": f"diffmpc.MPC (sampler={sampler}, dense Newton, IFT-CG)",
                "fwd+bwd_ms": res["time_s"] * 1e3,
                "mean_objective": float(res["obj"].mean()),
                "max_stationarity": float(info.stationarity_residual.max())}
