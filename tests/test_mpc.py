@@ -305,3 +305,34 @@ def test_cartpole_true_model_refinement_is_stationary_and_differentiable():
 
     fd = finite_difference(first_action, x0, eps=1e-5)
     assert torch.allclose(g, fd, rtol=1e-3, atol=1e-5)
+
+
+def test_dense_newton_solves_nonconvex_problems_per_sample():
+    from diffmpc.mpc import DenseNewton
+
+    def rosenbrock(y):  # (B, 2); a start on the saddle-ish ridge and one far away
+        return (1 - y[:, 0]) ** 2 + 100 * (y[:, 1] - y[:, 0] ** 2) ** 2
+
+    y0 = torch.tensor([[-1.2, 1.0], [0.0, 0.0], [2.0, -1.0]], dtype=DT)
+    y, iters = DenseNewton(tol=1e-10).minimize(rosenbrock, y0)
+    assert torch.allclose(y, torch.ones_like(y), atol=1e-8)
+    assert int(iters.max()) < 100
+
+    def saddle(y):  # starts exactly at a saddle direction: x² − y² + y⁴/4 has minima at y = ±√2
+        return y[:, 0] ** 2 - y[:, 1] ** 2 + 0.25 * y[:, 1] ** 4
+
+    y, _ = DenseNewton(tol=1e-10).minimize(saddle, torch.tensor([[0.5, 0.1]], dtype=DT))
+    assert torch.allclose(y.abs(), torch.tensor([[0.0, 2**0.5]], dtype=DT), atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["newton-cg", "lbfgs"])
+def test_other_refinement_solvers_reach_the_riccati_plan(solver):
+    H, n, m = 4, 3, 2
+    A, B, q, r, dyn, cost, terminal = lq_problem(n, m)
+    x0 = torch.randn(3, n, dtype=DT, generator=torch.Generator().manual_seed(2))
+    mpc = MPC(dyn, cost, H, action_dim=m, terminal_cost=terminal, sampler=None, solver=solver, tol=1e-7,
+              max_iter=200)
+    u, info = mpc(x0)
+    assert bool(info.converged.all())
+    with torch.no_grad():
+        assert torch.allclose(u, riccati_plan(A, B, q, r, x0, H), atol=1e-6)
