@@ -243,10 +243,10 @@ def train_cmu(data: dict[str, np.ndarray], method: str, seed: int, preset: Prese
         return _mse(pred, win)
 
     def extrapolation_mse(X: Tensor) -> Tensor:
-        T = torch.arange(n_frames - k + 1, dtype=torch.float32) * dt  # from frame k-1 to the last frame
-        first = X[:, :k]
-        pred = model(first, T, method).transpose(0, 1)  # (B, 298, F): frames k-1 .. n_frames-1
-        return _mse(pred[:, 1:], X[:, k:]) * scale**2
+        # As in training, the latent state encoded from frames 0..k-1 is the state at frame 0.
+        T = torch.arange(n_frames, dtype=torch.float32) * dt
+        pred = model(X[:, :k], T, method).transpose(0, 1)  # (B, n_frames, F)
+        return _mse(pred[:, k:], X[:, k:]) * scale**2  # the 297 extrapolated frames
 
     trainer.fit(loss_fn, lambda: extrapolation_mse(va), progress)
     with torch.no_grad():
