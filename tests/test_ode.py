@@ -227,15 +227,15 @@ def test_bad_inputs_raise_clear_errors():
 def test_generated_series_follow_the_footnotes():
     from scipy.integrate import solve_ivp
 
-    from diffmpc.experiments.ode_data import SPIRAL_A, spiral, van_der_pol
+    from diffmpc.experiments.ode_data import SPIRAL_A, make_task
 
-    vdp = van_der_pol()
+    vdp = make_task("vdp")
     assert vdp.x.shape == (320, 2) and (vdp.n_train, vdp.n_val, vdp.n_test) == (107, 106, 107)
     assert abs(vdp.dt - 0.1) < 1e-12 and abs(vdp.x[:, 0]).max() < 2.1  # on the μ=3 limit cycle
     ref = solve_ivp(lambda _, s: [s[1], 3 * (1 - s[0] ** 2) * s[1] - s[0]], (0, 5.0), [2.0, 0.0],
                     method="DOP853", rtol=1e-11, atol=1e-12).y[:, -1]
     assert abs(vdp.x[50] - ref).max() < 1e-6
-    sp = spiral()
+    sp = make_task("spiral")
     assert sp.x.shape == (300, 2) and (sp.n_train, sp.n_val, sp.n_test) == (100, 50, 150)
     ref = solve_ivp(lambda _, s: (s**3) @ SPIRAL_A, (0, 10.0), [2.0, 0.0], method="DOP853", rtol=1e-11,
                     atol=1e-12).y[:, -1]
@@ -280,14 +280,14 @@ def test_real_cmu_file_if_present():
 def test_training_checkpoint_resumes(tmp_path):
     from dataclasses import replace
 
-    from diffmpc.experiments.ode_data import spiral
+    from diffmpc.experiments.ode_data import make_task
     from diffmpc.experiments.table1 import PRESETS, train_series
 
     p = replace(PRESETS["quick"], iters=2, batch=4, window=3, ckpt_every=1, eval_every=1)
     ck = tmp_path / "run.ckpt"
-    first = train_series(spiral(), "beuler_ift_cg", 0, p, ck)
+    first = train_series(make_task("spiral"), "beuler_ift_cg", 0, p, ck)
     assert ck.is_file() and first["iters"] == 2 and len(first["history"]) == 2
-    more = train_series(spiral(), "beuler_ift_cg", 0, replace(p, iters=3), ck)
+    more = train_series(make_task("spiral"), "beuler_ift_cg", 0, replace(p, iters=3), ck)
     assert more["iters"] == 3 and [h["iter"] for h in more["history"]] == [1, 2, 3]
     assert more["history"][:2] == first["history"]
 

@@ -17,6 +17,7 @@ the observation times (dense output is not used: each time is an ``t_eval`` poin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,9 @@ def load_cmu(path: str | Path | None = None, sha256: str | None = CMU_SHA256) ->
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def make_task(name: str) -> Series:
-    """The generated series of a Table 1 task (``"vdp"`` or ``"spiral"``)."""
+    """The generated series of a Table 1 task (``"vdp"`` or ``"spiral"``); cached, treat as read-only."""
     if name == "vdp":
         return van_der_pol()
     if name == "spiral":
