@@ -320,3 +320,10 @@ def test_table1_cli_writes_results_and_resumes(tmp_path):
     stamp = (out / "runs" / "beuler_ift_cg_run01.json").stat().st_mtime_ns
     assert main(argv) == 0  # everything is done: nothing is retrained
     assert (out / "runs" / "beuler_ift_cg_run01.json").stat().st_mtime_ns == stamp
+
+
+def test_table1_cmu_missing_file_is_a_clean_error(tmp_path, capsys):
+    from diffmpc.cli import main
+
+    rc = main(["table1", "--task", "cmu", "--out", str(tmp_path), "--cmu-path", str(tmp_path / "no.mat")])
+    assert rc == 2 and "not found" in capsys.readouterr().err

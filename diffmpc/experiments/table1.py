@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -347,6 +348,12 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def _handler(args: argparse.Namespace) -> int:
+    if args.task == "cmu":
+        try:
+            load_cmu(args.cmu_path)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"table1 --task cmu: {err}", file=sys.stderr)
+            return 2
     payload = run(args.task, args.runs, Path(args.out), args.seed, args.preset, args.methods, args.iters,
                   args.cmu_path)
     print(markdown(payload))
