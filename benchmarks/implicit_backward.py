@@ -45,8 +45,15 @@ def backward_time(D: int, mode: str, repeat: int) -> dict:
     holder = {}
 
     def forward():
-        y, info = diffmpc.argmin(score, torch.zeros(D, dtype=torch.float64), theta, a, solver=solver,
-                                 backward=mode, return_info=True)
+        y, info = diffmpc.argmin(
+            score,
+            torch.zeros(D, dtype=torch.float64),
+            theta,
+            a,
+            solver=solver,
+            backward=mode,
+            return_info=True,
+        )
         holder["info"] = info
         return y
 
@@ -58,7 +65,13 @@ def backward_time(D: int, mode: str, repeat: int) -> dict:
     t_all = timeit(fwd_bwd, repeat=repeat)["median_s"]
     mem = peak_memory(fwd_bwd)
     info = holder["info"]
-    row = {"D": D, "mode": mode, "backward_s": max(t_all - t_fwd, 0.0), "forward_s": t_fwd, "peak_MB": mem / 2**20}
+    row = {
+        "D": D,
+        "mode": mode,
+        "backward_s": max(t_all - t_fwd, 0.0),
+        "forward_s": t_fwd,
+        "peak_MB": mem / 2**20,
+    }
     if info.backward is not None:
         row["lin_iters"] = int(info.backward.iterations.max())
     return row
@@ -79,8 +92,10 @@ def memory_vs_iterations(D: int, iters: list[int]) -> list[dict]:
             theta, a = problem(D)
             gd = GradientDescent(lr=0.2, max_iter=K, tol=0.0)
 
-            def fwd_bwd():
-                y = diffmpc.argmin(score, torch.zeros(D, dtype=torch.float64), theta, a, solver=gd, backward=mode)
+            def fwd_bwd(theta=theta, a=a, gd=gd, mode=mode):
+                y = diffmpc.argmin(
+                    score, torch.zeros(D, dtype=torch.float64), theta, a, solver=gd, backward=mode
+                )
                 torch.autograd.grad(y.sum(), (theta, a))
 
             rows.append({"D": D, "forward_iters": K, "mode": mode, "peak_MB": peak_memory(fwd_bwd) / 2**20})
@@ -94,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    warnings.simplefilter("ignore", diffmpc.ConvergenceWarning)  # memory table runs GD for a fixed K on purpose
+    # the memory table runs gradient descent for a fixed K on purpose
+    warnings.simplefilter("ignore", diffmpc.ConvergenceWarning)
     repeat = 3 if args.quick else 5
     rows = []
     for D in (10, 100, 1000, 2000, 10000):
@@ -113,15 +129,28 @@ def main(argv: list[str] | None = None) -> None:
     mem_rows = memory_vs_iterations(1000, [10, 50, 200, 800])
     for r in mem_rows:
         print(r, flush=True)
-    meta = {"speedup_cg_vs_dense_D2000": speedup, "target": ">= 20x", "kappa": KAPPA, "memory_vs_iterations": mem_rows,
-            "command": "python -m benchmarks.implicit_backward" + (" --quick" if args.quick else "")}
-    write_table("implicit_backward", rows, meta,
-                ["D", "mode", "backward_s", "backward_in_HVPs", "lin_iters", "forward_s", "peak_MB", "note"],
-                title="Implicit backward: CG vs dense vs unroll (tridiagonal-Hessian score, float64, 1 thread)",
-                notes=f"CG backward is {speedup:.0f}x faster than dense at D = 2000 (target ≥ 20x).")
-    write_table("implicit_backward_memory", mem_rows, meta | {"memory_vs_iterations": None},
-                ["D", "forward_iters", "mode", "peak_MB"],
-                title="Peak memory of forward+backward vs forward iterations (D = 1000, gradient descent)")
+    meta = {
+        "speedup_cg_vs_dense_D2000": speedup,
+        "target": ">= 20x",
+        "kappa": KAPPA,
+        "memory_vs_iterations": mem_rows,
+        "command": "python -m benchmarks.implicit_backward" + (" --quick" if args.quick else ""),
+    }
+    write_table(
+        "implicit_backward",
+        rows,
+        meta,
+        ["D", "mode", "backward_s", "backward_in_HVPs", "lin_iters", "forward_s", "peak_MB", "note"],
+        title="Implicit backward: CG vs dense vs unroll (tridiagonal-Hessian score, float64, 1 thread)",
+        notes=f"CG backward is {speedup:.0f}x faster than dense at D = 2000 (target ≥ 20x).",
+    )
+    write_table(
+        "implicit_backward_memory",
+        mem_rows,
+        meta | {"memory_vs_iterations": None},
+        ["D", "forward_iters", "mode", "peak_MB"],
+        title="Peak memory of forward+backward vs forward iterations (D = 1000, gradient descent)",
+    )
     print(f"cg vs dense speed-up at D=2000: {speedup:.1f}x")
 
 
