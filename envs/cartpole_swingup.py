@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .rendering import BLACK, BLUE, BROWN, GREEN, GREY, LIGHT_GREY, RED, Canvas, HumanViewer
+from .rendering import BLACK, BLUE, BROWN, GREEN, GREY, LIGHT_GREY, RED, Canvas, FrameRenderMixin, HumanViewer
 
 CART_MASS = 0.5  # M [kg]
 POLE_MASS = 0.5  # m [kg], a uniform rod
@@ -171,7 +171,7 @@ def _check_action(action: Any, dim: int) -> np.ndarray:
     return a
 
 
-class CartPoleSwingUpEnv(gym.Env):
+class CartPoleSwingUpEnv(FrameRenderMixin, gym.Env):
     r"""Cart-pole swing-up with PILCO's physics and saturating cost (the paper's Sec. 5 benchmark).
 
     ## Description
@@ -222,6 +222,7 @@ class CartPoleSwingUpEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["human", "rgb_array"], "render_fps": int(round(1.0 / DT))}
+    viewer_title = "CartPoleSwingUp"
 
     def __init__(
         self,
@@ -274,22 +275,8 @@ class CartPoleSwingUpEnv(gym.Env):
         info = {"cost": cost, "state": self.state.copy(), "action": a.copy()}
         return self.state.astype(np.float32), -cost, False, False, info
 
-    def render(self):
-        if self.render_mode is None:
-            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' to make()")
-            return None
-        frame = draw_cartpole(self.state, self._last_action, self.width, self.height)
-        if self.render_mode == "rgb_array":
-            return frame
-        if self._viewer is None:
-            self._viewer = HumanViewer("CartPoleSwingUp")
-        self._viewer.show(frame, self.metadata["render_fps"])
-        return None
-
-    def close(self) -> None:
-        if self._viewer is not None:
-            self._viewer.close()
-            self._viewer = None
+    def draw_frame(self) -> np.ndarray:
+        return draw_cartpole(self.state, self._last_action, self.width, self.height)
 
 
 def draw_cartpole(state: np.ndarray, action: float = 0.0, width: int = 480, height: int = 320) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from .cartpole_swingup import _check_action
-from .rendering import BLACK, BLUE, GREEN, GREY, LIGHT_GREY, RED, Canvas, HumanViewer
+from .rendering import BLACK, BLUE, GREEN, GREY, LIGHT_GREY, RED, Canvas, FrameRenderMixin, HumanViewer
 
 MASS = 1.0  # m
 STIFFNESS = 1.0  # k
@@ -103,7 +103,7 @@ def msd_cost(
     return xQx + uRu
 
 
-class MassSpringDamperEnv(gym.Env):
+class MassSpringDamperEnv(FrameRenderMixin, gym.Env):
     r"""Mass-spring-damper with the paper's Appx. C linear dynamics and quadratic cost.
 
     ## Description
@@ -141,6 +141,7 @@ class MassSpringDamperEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["human", "rgb_array"], "render_fps": int(round(1.0 / DT))}
+    viewer_title = "MassSpringDamper"
 
     def __init__(
         self,
@@ -206,22 +207,8 @@ class MassSpringDamperEnv(gym.Env):
         info = {"cost": cost, "state": self.state.copy(), "action": a.copy()}
         return self.state.astype(np.float32), -cost, False, False, info
 
-    def render(self):
-        if self.render_mode is None:
-            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' to make()")
-            return None
-        frame = draw_msd(self.state, self._last_action, self.width, self.height)
-        if self.render_mode == "rgb_array":
-            return frame
-        if self._viewer is None:
-            self._viewer = HumanViewer("MassSpringDamper")
-        self._viewer.show(frame, self.metadata["render_fps"])
-        return None
-
-    def close(self) -> None:
-        if self._viewer is not None:
-            self._viewer.close()
-            self._viewer = None
+    def draw_frame(self) -> np.ndarray:
+        return draw_msd(self.state, self._last_action, self.width, self.height)
 
 
 def draw_msd(state: np.ndarray, action: float = 0.0, width: int = 480, height: int = 160) -> np.ndarray:

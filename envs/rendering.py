@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 import numpy as np
 
 WHITE = (255, 255, 255)
@@ -138,3 +139,33 @@ class HumanViewer:
 
     def close(self) -> None:
         self._plt.close(self._fig)
+
+
+class FrameRenderMixin:
+    """``render()`` / ``close()`` shared by the envs: ``"rgb_array"`` returns :meth:`draw_frame`, ``"human"``
+    shows it in a :class:`HumanViewer` titled ``viewer_title``. Put it before ``gym.Env`` in the bases."""
+
+    viewer_title = "diffmpc"
+    render_mode: str | None = None
+    metadata: dict
+    _viewer: HumanViewer | None = None
+
+    def draw_frame(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' to make()")
+            return None
+        frame = self.draw_frame()
+        if self.render_mode == "rgb_array":
+            return frame
+        if self._viewer is None:
+            self._viewer = HumanViewer(self.viewer_title)
+        self._viewer.show(frame, self.metadata["render_fps"])
+        return None
+
+    def close(self) -> None:
+        if self._viewer is not None:
+            self._viewer.close()
+            self._viewer = None
