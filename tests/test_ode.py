@@ -15,6 +15,15 @@ TIGHT = {"tol": 1e-13, "backward_tol": 1e-13}
 IFT = ("cg", "dense", "gmres")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only contend with the other jobs on the machine (3-4x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def linear_field(A):
     return lambda t, y: y @ A.T
 
@@ -106,6 +115,66 @@ def test_ift_unroll_and_finite_differences_agree_on_a_neural_field():
     fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     analytic = sum((g * di).sum() for g, di in zip(grads["cg"], d, strict=True))
     assert abs(float(fd - analytic)) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+@pytest.mark.parametrize("backward", IFT)
+def test_fused_backward_equals_chained_root_layers(backward):
+    """The default one-node backward runs the same IFT chain as autograd through per-step root layers."""
+    torch.manual_seed(8)
+    f = TinyField(dim=3, hidden=7)
+    y0 = torch.randn(4, 3, dtype=D64, requires_grad=True)
+    t = torch.tensor([0.0, 0.1, 0.25, 0.3, 0.6], dtype=D64)
+    w = torch.randn(5, 4, 3, dtype=D64)
+    targets = [y0, *f.parameters()]
+    grads = {}
+    for name, extra in (("layers", {"step_layers": True}), ("fused", {}), ("warm", {"warm_start": True})):
+        ys, info = odeint(f, y0, t, backward=backward, solver="newton", return_info=True,
+                          options={**TIGHT, "step_size": 0.1, **extra})
+        grads[name] = torch.autograd.grad((w * ys).sum(), targets)
+        assert info.n_steps == 7 and all(s.backward is not None and bool(s.backward.converged.all())
+                                         for s in info.steps)
+        if backward == "cg":  # normal-equation CG on a 3×3 system: exact termination in ≤ 3 (+1) steps
+            assert all(int(s.backward.iterations.max()) <= 4 for s in info.steps)
+    for name in ("fused", "warm"):
+        for a, b in zip(grads[name], grads["layers"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_unbatched_gradients_match_batched():
+    torch.manual_seed(9)
+    f = TinyField()
+    y0 = torch.randn(2, dtype=D64, requires_grad=True)
+    t = torch.linspace(0, 0.5, 6, dtype=D64)
+    g1 = torch.autograd.grad(odeint(f, y0, t, options=TIGHT).pow(2).sum(), [y0, *f.parameters()])
+    g2 = torch.autograd.grad(odeint(f, y0.unsqueeze(0), t, options=TIGHT).pow(2).sum(),
+                             [y0, *f.parameters()])
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_field_independent_of_state_gives_identity_jacobian():
+    c = torch.tensor([0.5, -1.0], dtype=D64, requires_grad=True)
+    y0 = torch.randn(3, 2, dtype=D64, requires_grad=True)
+    t = torch.linspace(0, 1, 6, dtype=D64)
+    ys = odeint(lambda t, y: c.expand_as(y), y0, t, params=[c], options=TIGHT)
+    torch.testing.assert_close(ys[-1], y0 + c, atol=1e-12, rtol=0)
+    gy, gc = torch.autograd.grad(ys[-1].sum(), [y0, c])
+    torch.testing.assert_close(gy, torch.ones_like(y0))
+    torch.testing.assert_close(gc, torch.full_like(c, 3.0))  # 3 trajectories × Δt·5 steps = 3 · 1
+
+
+def test_backward_non_convergence_warns_or_raises():
+    from diffmpc import ConvergenceError
+
+    torch.manual_seed(10)
+    f = TinyField(dim=6, hidden=12)
+    y0 = torch.randn(2, 6, dtype=D64)
+    t = torch.linspace(0, 0.3, 4, dtype=D64)
+    opts = {**TIGHT, "backward_max_iter": 1}
+    with pytest.warns(ConvergenceWarning, match=r"did not converge at 3 of 3 steps"):
+        odeint(f, y0, t, options=opts).sum().backward()
+    with pytest.raises(ConvergenceError, match="did not converge"):
+        odeint(f, y0, t, options={**opts, "strict": True}).sum().backward()
 
 
 def test_adjoint_exact_in_y0_for_linear_and_first_order_in_theta(linear):
@@ -327,3 +396,15 @@ def test_table1_cmu_missing_file_is_a_clean_error(tmp_path, capsys):
 
     rc = main(["table1", "--task", "cmu", "--out", str(tmp_path), "--cmu-path", str(tmp_path / "no.mat")])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_example_script_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "neural_ode.py"
+    spec = importlib.util.spec_from_file_location("neural_ode_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--iters", "2", "--window", "3", "--plot", str(tmp_path / "spiral.png")]) == 0
+    assert "test extrapolation MSE" in capsys.readouterr().out and (tmp_path / "spiral.png").is_file()
