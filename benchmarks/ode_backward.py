@@ -7,10 +7,15 @@ of an MSE loss for
 * DOPRI5 + adjoint (``torchdiffeq.odeint_adjoint``; the anchor),
 * backward Euler + adjoint (ours: adjoint ODE by backward Euler),
 * backward Euler + IFT naive (per-step Jacobian built and solved densely),
-* backward Euler + IFT CG (the paper's method), and backward Euler unrolled (for reference).
+* backward Euler + IFT CG (the paper's method; the default fused backward of :func:`diffmpc.odeint`),
+* the same IFT CG chained through per-step ``diffmpc.root`` layers (``step_layers``: the implementation
+  before the fused backward, same gradient), IFT CG warm-started per step (``warm_start``), and backward
+  Euler unrolled (for reference).
 
 "Equal acceptance criteria": DOPRI5 uses ``rtol = atol = tol`` and every backward-Euler step is solved to
-``‖F‖ ≤ tol`` with backward linear solves at relative tolerance ``tol`` (``--tol``, default 1e-5).
+``‖F‖ ≤ tol`` with backward linear solves at relative tolerance ``tol`` (``--tol``, default 1e-5): the
+fused IFT CG / GMRES stop at ``‖v − Jᵀw‖ ≤ tol·‖v‖``; the core's ``normal_cg`` (per-step layers, and the
+backward-Euler adjoint) stops at ``tol/100`` on the normal equations and reports the same residual.
 
 Panel (b): the vector field is Van der Pol itself with a learnable μ (stiffness grows with μ); backward time
 of each method vs μ for the gradient w.r.t. μ and the initial states (median of 3; NaN where DOPRI5 needs
@@ -36,10 +41,16 @@ from diffmpc import ConvergenceWarning, odeint
 from diffmpc.experiments.ode_data import van_der_pol
 from diffmpc.experiments.table1 import ODEFunc
 
-METHODS = ("dopri5_adjoint", "beuler_adjoint", "beuler_ift_dense", "beuler_ift_cg", "beuler_unroll")
+METHODS = ("dopri5_adjoint", "beuler_adjoint", "beuler_ift_dense", "beuler_ift_cg", "beuler_ift_cg_layers",
+           "beuler_ift_cg_warm", "beuler_unroll")
 LABELS = {"dopri5_adjoint": "DOPRI5 adjoint (torchdiffeq)", "beuler_adjoint": "Bwd Euler adjoint",
           "beuler_ift_dense": "Bwd Euler IFT naive (dense)", "beuler_ift_cg": "Bwd Euler IFT CG",
-          "beuler_unroll": "Bwd Euler unrolled"}
+          "beuler_ift_cg_layers": "Bwd Euler IFT CG (per-step root layers)",
+          "beuler_ift_cg_warm": "Bwd Euler IFT CG (warm start)", "beuler_unroll": "Bwd Euler unrolled"}
+# method -> (backward, extra options) for backward Euler
+BE = {"beuler_adjoint": ("adjoint", {}), "beuler_ift_dense": ("dense", {}), "beuler_ift_cg": ("cg", {}),
+      "beuler_ift_cg_layers": ("cg", {"step_layers": True}),
+      "beuler_ift_cg_warm": ("cg", {"warm_start": True}), "beuler_unroll": ("unroll", {})}
 
 
 class VdPField(nn.Module):
@@ -61,9 +72,8 @@ def solve(method: str, func: nn.Module, y0, t, tol: float):
     if method == "dopri5_adjoint":
         return odeint(func, y0, t, method="dopri5", backward="adjoint", rtol=tol, atol=tol,
                       options={"max_num_steps": MAX_DOPRI_STEPS})
-    backward = {"beuler_adjoint": "adjoint", "beuler_ift_dense": "dense", "beuler_ift_cg": "cg",
-                "beuler_unroll": "unroll"}[method]
-    return odeint(func, y0, t, backward=backward, options={"tol": tol, "backward_tol": tol})
+    backward, extra = BE[method]
+    return odeint(func, y0, t, backward=backward, options={"tol": tol, "backward_tol": tol, **extra})
 
 
 def time_once(method, func, y0, t, target, tol):
@@ -171,7 +181,7 @@ def _plot(times, stiff, mus) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     labels = [LABELS[m].replace(" (", "\n(") for m in METHODS]
     for ax, key, title in ((axes[0], "fwd", "forward"), (axes[1], "bwd", "backward")):
         ax.boxplot([[v * 1e3 for v in times[m][key]] for m in METHODS], showfliers=False)
