@@ -2,9 +2,11 @@ r"""Small learnable dynamics and cost modules for the MPC layer (paper Sec. 3: l
 
 All modules are batched over a leading dimension and dtype/device agnostic (they follow their parameters).
 
-* :class:`MLPDynamics` — residual neural dynamics ``x_{t+1} = x_t + f_θ(x_t, u_t)``.
+* :class:`AngleFeatures` — ``φ(x)``: angles embedded as ``(sin, cos)`` so that learned models are 2π-periodic.
+* :class:`MLPDynamics` — residual neural dynamics ``x_{t+1} = x_t + σ ⊙ f_θ(φ(x_t), u_t) + μ`` (optional
+  features and input/output normalisation fitted from data).
 * :class:`QuadraticCost` — ``½ (x − x̄)ᵀ Q (x − x̄) + ½ uᵀ R u + qᵀx + rᵀu`` with Q, R ⪰ 0 by construction.
-* :class:`TargetStateCost` — state-only ``Σ_i w_i (x_i − x̄_i)²`` with a learnable target x̄ (and weights).
+* :class:`TargetStateCost` — state-only ``Σ_i w_i (φ_i(x) − φ̄_i)²`` with a learnable target φ̄ (and weights).
 * :class:`SaturatingCost` — PILCO's ``1 − exp(−½ (φ(x) − φ̄)ᵀ W (φ(x) − φ̄))`` with a learnable target φ̄
   on optional features φ (e.g. the cart-pole's pole-tip position).
 
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["MLPDynamics", "QuadraticCost", "TargetStateCost", "SaturatingCost"]
+__all__ = ["AngleFeatures", "MLPDynamics", "QuadraticCost", "TargetStateCost", "SaturatingCost"]
 
 
 def _check_last(x: Tensor, n: int, what: str) -> None:
@@ -31,21 +33,56 @@ def _inv_softplus(y: Tensor) -> Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
-class MLPDynamics(nn.Module):
-    r"""Residual MLP dynamics ``h(x, u) = x + f_θ([x, u])`` (batched ``(B, n), (B, m) -> (B, n)``).
+class AngleFeatures(nn.Module):
+    r"""``φ(x)``: the state with each angle ``x_i`` (``i ∈ angle_dims``) replaced by ``(sin x_i, cos x_i)``.
 
-    The residual form starts near the identity map (the last layer is initialised at ``out_scale`` times
-    PyTorch's default), which keeps early MPC problems well posed. Smooth activations (tanh, softplus, ...)
+    Output order: the non-angle entries in their order, then ``sin`` and ``cos`` of each angle. A learned
+    model on φ is 2π-periodic in the angles, so a pole that swung up clockwise and one that swung up
+    anticlockwise (θ = π vs θ = −π) are the same state — which a model on raw θ would have to learn.
+    """
+
+    def __init__(self, state_dim: int, angle_dims: Sequence[int] = ()) -> None:
+        super().__init__()
+        angles = sorted({int(i) % state_dim for i in angle_dims}) if state_dim > 0 else []
+        if state_dim < 1 or len(angles) != len(tuple(angle_dims)):
+            raise ValueError(f"angle_dims {tuple(angle_dims)} must be distinct indices of a state of size "
+                             f"{state_dim}")
+        self.state_dim = state_dim
+        self.angle_dims = tuple(angles)
+        self.plain_dims = tuple(i for i in range(state_dim) if i not in angles)
+        self.out_dim = state_dim + len(angles)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_last(x, self.state_dim, "state x")
+        if not self.angle_dims:
+            return x
+        th = x[..., list(self.angle_dims)]
+        return torch.cat([x[..., list(self.plain_dims)], torch.sin(th), torch.cos(th)], dim=-1)
+
+
+class MLPDynamics(nn.Module):
+    r"""Residual MLP dynamics ``h(x, u) = x + μ + σ ⊙ f_θ((φ(x) − m_φ)/s_φ, (u − m_u)/s_u)``, batched
+    ``(B, n), (B, m) -> (B, n)``.
+
+    ``φ`` is an optional feature map (e.g. :class:`AngleFeatures`; default identity). The normalisation
+    buffers (input mean/scale, output offset μ and scale σ of the increment ``x' − x``) default to 0 / 1;
+    :meth:`fit_normalization` sets them from data, so the network learns O(1) targets even when the state
+    entries differ by orders of magnitude (cart-pole: Δx ~ 0.1 m but Δθ̇ ~ 5 rad/s).
+    The residual form starts near ``x + μ`` (the last layer is initialised at ``out_scale`` times PyTorch's
+    default), which keeps early MPC problems well posed. Smooth activations (tanh, softplus, ...)
     are needed for meaningful Hessians in the IFT backward; ReLU has zero curvature almost everywhere.
     """
 
     def __init__(self, state_dim: int, action_dim: int, hidden: Sequence[int] = (64, 64),
-                 activation: Callable[[], nn.Module] = nn.Tanh, out_scale: float = 0.1) -> None:
+                 activation: Callable[[], nn.Module] = nn.Tanh, out_scale: float = 0.1,
+                 features: nn.Module | None = None) -> None:
         super().__init__()
         if state_dim < 1 or action_dim < 1:
             raise ValueError("state_dim and action_dim must be positive")
         self.state_dim, self.action_dim = state_dim, action_dim
-        sizes = [state_dim + action_dim, *hidden, state_dim]
+        self.features = features
+        feat_dim = int(getattr(features, "out_dim", state_dim)) if features is not None else state_dim
+        sizes = [feat_dim + action_dim, *hidden, state_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))
@@ -56,11 +93,30 @@ class MLPDynamics(nn.Module):
             last = self.net[-1]
             last.weight.mul_(out_scale)
             last.bias.mul_(out_scale)
+        self.register_buffer("in_mean", torch.zeros(feat_dim + action_dim))
+        self.register_buffer("in_scale", torch.ones(feat_dim + action_dim))
+        self.register_buffer("out_mean", torch.zeros(state_dim))
+        self.register_buffer("out_scale", torch.ones(state_dim))
+
+    def _inputs(self, x: Tensor, u: Tensor) -> Tensor:
+        phi = self.features(x) if self.features is not None else x
+        return torch.cat([phi, u], dim=-1)
+
+    @torch.no_grad()
+    def fit_normalization(self, x: Tensor, u: Tensor, x_next: Tensor, min_scale: float = 1e-6) -> None:
+        """Set the input and increment normalisation from transitions ``(x, u, x')`` (each ``(N, ·)``)."""
+        inp = self._inputs(x, u)
+        delta = x_next - x
+        self.in_mean.copy_(inp.mean(0))
+        self.in_scale.copy_(inp.std(0).clamp_min(min_scale))
+        self.out_mean.copy_(delta.mean(0))
+        self.out_scale.copy_(delta.std(0).clamp_min(min_scale))
 
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
         _check_last(x, self.state_dim, "state x")
         _check_last(u, self.action_dim, "action u")
-        return x + self.net(torch.cat([x, u], dim=-1))
+        z = (self._inputs(x, u) - self.in_mean) / self.in_scale
+        return x + self.out_mean + self.out_scale * self.net(z)
 
 
 def _psd(raw: Tensor, diag: bool) -> Tensor:
@@ -138,22 +194,31 @@ class QuadraticCost(nn.Module):
 
 
 class TargetStateCost(nn.Module):
-    r"""State-only cost ``c(x) = Σ_i w_i (x_i − x̄_i)²`` with a learnable target state x̄.
+    r"""State-only cost ``c(x) = Σ_i w_i (φ_i(x) − φ̄_i)²`` with a learnable target φ̄ (and weights).
 
-    ``w = softplus(w_raw)`` stays positive; ``learn_weights=False`` keeps the weights fixed. Being
-    state-only, :class:`diffmpc.MPC` evaluates it at the next state of every step.
+    ``φ`` is an optional feature map (default identity: ``φ̄`` is a target *state*); with
+    :class:`AngleFeatures` the target of an angle is a point ``(sin, cos)`` and the cost is 2π-periodic.
+    ``w = softplus(w_raw)`` stays positive; ``learn_weights=False`` keeps the weights fixed.
+    ``normalize_weights=True`` uses ``w = k·softmax(w_raw)`` instead (k = len(w)): the weights keep summing
+    to k, which removes the scale invariance of the argmin (c and 2c have the same minimiser) that would
+    otherwise let learning drift the cost's scale and, with it, the meaning of absolute solver tolerances.
+    Being state-only, :class:`diffmpc.MPC` evaluates it at the next state of every step.
     """
 
-    def __init__(self, target: Tensor, weights: Tensor | None = None, learn_weights: bool = False) -> None:
+    def __init__(self, target: Tensor, weights: Tensor | None = None, learn_weights: bool = False,
+                 features: nn.Module | Callable[[Tensor], Tensor] | None = None,
+                 normalize_weights: bool = False) -> None:
         super().__init__()
         target = torch.as_tensor(target)
         if target.ndim != 1:
-            raise ValueError(f"target must be a vector (n,), got shape {tuple(target.shape)}")
+            raise ValueError(f"target must be a vector (k,), got shape {tuple(target.shape)}")
         w = torch.ones_like(target) if weights is None else torch.as_tensor(weights).to(target)
         if w.shape != target.shape or not bool((w > 0).all()):
             raise ValueError("weights must be positive and shaped like target")
+        self.features = features
+        self.normalize_weights = normalize_weights
         self.target = nn.Parameter(target.clone())
-        raw = _inv_softplus(w)
+        raw = torch.log(w) if normalize_weights else _inv_softplus(w)
         if learn_weights:
             self.w_raw = nn.Parameter(raw)
         else:
@@ -161,11 +226,14 @@ class TargetStateCost(nn.Module):
 
     @property
     def weights(self) -> Tensor:
+        if self.normalize_weights:
+            return self.w_raw.numel() * torch.softmax(self.w_raw, 0)
         return F.softplus(self.w_raw)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_last(x, self.target.shape[0], "state x")
-        d = x - self.target
+        phi = self.features(x) if self.features is not None else x
+        _check_last(phi, self.target.shape[0], "features φ(x)" if self.features is not None else "state x")
+        d = phi - self.target
         return (self.weights * d * d).sum(-1)
 
 
