@@ -69,7 +69,7 @@ def _latency(act, states, repeat: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="2 repeats instead of 6")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
     args, _ = ap.parse_known_args(argv)
     torch.set_num_threads(1)

@@ -104,7 +104,11 @@ def memory_vs_iterations(D: int, iters: list[int]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats, skip D=10000 for dense/unroll")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 repeats instead of 5 (in both modes D = 10000 runs once, without dense)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -140,7 +140,7 @@ def ours_lq(problem: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 5")
     ap.add_argument("--anchor-worker", nargs=2, metavar=("PROBLEM", "OUT"), help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args(argv)
     repeat = 3 if args.quick else 5
