@@ -1,4 +1,5 @@
-"""Agents: the differentiable MPC policy, the cart-pole sampling expert and its dataset, imitation learners.
+"""Agents: the differentiable MPC policy, the cart-pole sampling expert and its dataset, imitation learners
+(IfO through the MPC layer, BC) and their evaluation.
 
 Names are imported lazily (``agents.MPCPolicy`` loads :mod:`agents.mpc_policy` on first use), so importing one
 agent never pulls in the others' dependencies.
@@ -14,6 +15,10 @@ _LAZY = {
     "run_episode": "expert",
     "ExpertDataset": "dataset", "DatasetError": "dataset", "generate_dataset": "dataset",
     "load_dataset": "dataset", "save_dataset": "dataset",
+    "IfOConfig": "ifo", "IfOTrainer": "ifo", "IFO_PRESETS": "ifo",
+    "BCConfig": "bc", "BCPolicy": "bc", "BCTrainer": "bc",
+    "evaluate_policy": "evaluation", "expert_policy": "evaluation", "mpc_policy": "evaluation",
+    "rollout": "evaluation", "start_states": "evaluation",
 }
 
 __all__ = sorted(_LAZY)

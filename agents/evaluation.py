@@ -1,0 +1,226 @@
+r"""Evaluation of cart-pole policies as in the paper's Table 2: average episode cost over 50 fixed starts.
+
+The 50 initial states are drawn once from ``N(0, v·I)`` (``v = 0.04`` low, ``0.08`` high start variance) with
+a fixed seed, and every policy is rolled out from the same states for 40 steps. Rollouts are batched over
+the 50 starts with the very functions ``CartPoleSwingUp-v0.step`` uses (:func:`envs.cartpole_dynamics`,
+:func:`envs.cartpole_cost` of the next state, actions clipped to [-1, 1]), so one episode here equals one
+episode of the Gymnasium env from the same state (tested), at a fraction of the Python overhead.
+
+A *policy* here is a batched callable ``x (B, 4) float64 -> u (B, 1)`` with an optional ``reset(seed)``;
+:func:`expert_policy`, :func:`mpc_policy` and :class:`agents.bc.BCPolicy` are such policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "start_states",
+    "rollout",
+    "evaluate_policy",
+    "expert_policy",
+    "mpc_policy",
+    "START_VARIANCES",
+    "EVAL_EPISODES",
+    "EVAL_SEED",
+    "plot_trajectories",
+    "render_comparison",
+]
+
+START_VARIANCES = {"low": 0.04, "high": 0.08}
+EVAL_EPISODES = 50
+EVAL_SEED = 2024  # the fixed seed of the 50 test starts (independent of every training seed)
+
+Policy = Callable[[Tensor], Tensor]
+
+
+def start_states(variance: float, n: int = EVAL_EPISODES, seed: int = EVAL_SEED) -> Tensor:
+    """``n`` fixed initial states ``x₀ ~ N(0, variance·I)`` (float64 ``(n, 4)``), the same on every call."""
+    if not variance > 0:
+        raise ValueError(f"start variance must be positive, got {variance}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64) * variance**0.5
+
+
+def rollout(policy: Policy, x0: Tensor, steps: int | None = None) -> dict[str, Tensor]:
+    """Roll ``policy`` from the starts ``x0 (B, 4)``: ``states (B, T+1, 4)``, ``actions (B, T, 1)``,
+    ``costs (B, T)`` (cost of the state after each step, as the env's ``info["cost"]``) and
+    ``episode_cost (B,)``.
+    """
+    from envs import CARTPOLE_EPISODE_STEPS, cartpole_cost, cartpole_dynamics
+
+    steps = CARTPOLE_EPISODE_STEPS if steps is None else steps
+    x = torch.as_tensor(x0, dtype=torch.float64)
+    if x.ndim != 2 or x.shape[1] != 4:
+        raise ValueError(f"x0 must have shape (B, 4), got {tuple(x.shape)}")
+    states, actions, costs = [x], [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            u = torch.as_tensor(policy(x)).to(torch.float64).reshape(x.shape[0], 1)
+            if not bool(torch.isfinite(u).all()):
+                raise ValueError("the policy returned a NaN/inf action")
+            u = u.clamp(-1.0, 1.0)
+            x = cartpole_dynamics(x, u)
+            states.append(x)
+            actions.append(u)
+            costs.append(cartpole_cost(x))
+    c = torch.stack(costs, 1)
+    return {
+        "states": torch.stack(states, 1),
+        "actions": torch.stack(actions, 1),
+        "costs": c,
+        "episode_cost": c.sum(1),
+    }
+
+
+def evaluate_policy(
+    policy: Policy, variance: float, seed: int = 0, n: int = EVAL_EPISODES, start_seed: int = EVAL_SEED
+) -> dict[str, Any]:
+    """Mean episode cost (± standard error over the ``n`` starts) of ``policy`` from the fixed starts.
+
+    ``seed`` reseeds a stochastic policy (sampling planners) through its ``reset(seed)``.
+    """
+    import time
+
+    if hasattr(policy, "reset"):
+        policy.reset(seed)
+    t0 = time.perf_counter()
+    res = rollout(policy, start_states(variance, n, start_seed))
+    ep = res["episode_cost"].numpy()
+    return {
+        "variance": variance,
+        "episodes": n,
+        "mean_cost": float(ep.mean()),
+        "stderr": float(ep.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "episode_costs": ep.tolist(),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+
+
+class _Planner:
+    """A batched receding-horizon policy around ``plan(x, warm) -> plan (B, H, 1)``, warm-started."""
+
+    def __init__(
+        self,
+        plan: Callable[[Tensor, Tensor | None], Tensor],
+        dtype: torch.dtype,
+        reseed: Callable[[int | None], None],
+        warm_start: bool = True,
+    ) -> None:
+        self._plan_fn, self.dtype, self._reseed, self.warm_start = plan, dtype, reseed, warm_start
+        self._plan: Tensor | None = None
+
+    def reset(self, seed: int | None = None) -> None:
+        self._plan = None
+        self._reseed(seed)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        from diffmpc.sampling import shift_plan
+
+        xs = x.to(self.dtype)
+        warm = None
+        if self.warm_start and self._plan is not None and self._plan.shape[0] == xs.shape[0]:
+            warm = shift_plan(self._plan)
+        plan = self._plan_fn(xs, warm)
+        self._plan = plan.detach()
+        return plan[:, 0].to(torch.float64)
+
+
+def expert_policy(horizon: int = 10, n_samples: int = 1000, substeps: int = 4) -> _Planner:
+    """The paper's expert, batched: random shooting (1000 plans, H = 10, no warm start) on the true model and
+    cost — :class:`agents.SamplingExpert` with ``ExpertConfig()`` for B starts at once."""
+    from diffmpc.sampling import random_shooting
+
+    from .expert import cartpole_plan_cost
+
+    gen = torch.Generator()
+    low, high = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+
+    def plan(x: Tensor, warm: Tensor | None) -> Tensor:
+        u, _ = random_shooting(
+            lambda x0, u: cartpole_plan_cost(x0, u, substeps=substeps),
+            x,
+            horizon,
+            low,
+            high,
+            n_samples,
+            None,
+            gen,
+        )
+        return u
+
+    return _Planner(
+        plan, torch.float64, lambda s: gen.manual_seed(0 if s is None else int(s)), warm_start=False
+    )
+
+
+def mpc_policy(dynamics: torch.nn.Module, cost: torch.nn.Module, config: Any) -> _Planner:
+    """MPC_IFT at test time: the learned model and cost in the MPC layer (sampler + Newton refinement, no
+    gradients), warm-started by the shifted previous plan, at ``config.eval_dtype``."""
+    import copy
+
+    from .ifo import _DTYPES, make_mpc
+    from .training import quiet_convergence_warnings
+
+    dtype = _DTYPES[config.eval_dtype]
+    dyn = copy.deepcopy(dynamics).to(dtype).requires_grad_(False)
+    cst = copy.deepcopy(cost).to(dtype).requires_grad_(False)
+    mpc = make_mpc(dyn, cst, config, evaluation=True, seed=0)
+
+    def plan(x: Tensor, warm: Tensor | None) -> Tensor:
+        with torch.no_grad(), quiet_convergence_warnings():
+            u, _ = mpc(x, warm)
+        return u
+
+    return _Planner(plan, dtype, lambda s: mpc.seed(0 if s is None else int(s)))
+
+
+def plot_trajectories(rollouts: Mapping[str, Mapping[str, Tensor]], path: Any, index: int = 0) -> Any:
+    """Fig. 3-style trajectory plot: pole angle θ and cart position x over time for each policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from envs import DT
+
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for name, r in rollouts.items():
+        s = r["states"][index].numpy()
+        t = np.arange(s.shape[0]) * DT
+        axes[0].plot(t, s[:, 2], label=name)
+        axes[1].plot(t, s[:, 0], label=name)
+    axes[0].axhline(np.pi, color="grey", lw=0.8, ls="--")
+    axes[0].set_ylabel("pole angle θ [rad] (π = up)")
+    axes[1].set_ylabel("cart position x [m]")
+    axes[1].set_xlabel("time [s]")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_comparison(
+    rollouts: Mapping[str, Mapping[str, Tensor]],
+    path: Any,
+    index: int = 0,
+    width: int = 320,
+    height: int = 240,
+) -> list[Any]:
+    """Fig. 3 as a video: the same start rolled out by each policy, side by side and labelled (mp4 + gif)."""
+    from envs import DT
+    from envs.cartpole_swingup import draw_cartpole
+    from envs.video import side_by_side
+
+    frames = {}
+    for name, r in rollouts.items():
+        s, a = r["states"][index].numpy(), r["actions"][index, :, 0].numpy()
+        acts = np.concatenate([[0.0], a])
+        frames[name] = [draw_cartpole(s[t], float(acts[t]), width, height) for t in range(s.shape[0])]
+    return side_by_side(frames, path, fps=1.0 / DT)

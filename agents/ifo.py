@@ -1,0 +1,488 @@
+r"""Imitation from observation with the differentiable MPC layer (paper Alg. 2, Sec. 3.2).
+
+The learner sees expert *states only* — consecutive pairs ``(x, x')`` — and may query the simulator
+``x' = F(x, u)`` at states and controls of its choice, without knowing its equations. It learns
+
+* a neural dynamics model ``h(x, u; θ_h)`` (:class:`diffmpc.nn.MLPDynamics` on angle features) by regression
+  on triplets ``(x, u, F(x, u))`` with ``x`` drawn from the expert states and ``u ~ U(u_low, u_high)``;
+* a cost ``c(x; θ_c)`` (:class:`diffmpc.nn.TargetStateCost`: a learnable target ``φ̄`` in the feature
+  space ``φ(x) = (x, ẋ, θ̇, sin θ, cos θ)`` and learnable, normalised weights) *through the MPC layer*: for a
+  batch of expert pairs, ``u*(x) = MPC(x; θ_h, θ_c)`` (Eq. 5, solved to a stationary point),
+  ``x̂ = h(x, u*_0)`` and
+
+  .. math::  L(θ_c) = \frac{1}{|B|} \sum_{(x, x') ∈ B} \lVert (x' − h(x, u^*_0(x; θ_c))) ⊘ σ \rVert^2
+
+  (σ: the per-dimension scale of the state increments), differentiated by the implicit function theorem
+  (Eqs. 2–3; CG on Hessian-vector products) with ``θ_h`` frozen.
+
+Alg. 2 alternates the two: every iteration queries ``dyn_queries_per_iter`` new triplets into the replay
+buffer, takes ``dyn_steps_per_iter`` Adam steps on the dynamics, then one Adam step on the cost. Choices
+beyond the paper (see :class:`IfOConfig`): a dynamics warm-up before the first cost step (the cost gradient
+through a random model is noise); samples whose MPC solve did not reach ``‖∇J‖ ≤ tol`` are left out of the
+cost loss (the IFT gradient does not hold there) and their fraction is logged; the horizon curriculum grows
+H linearly from 1 to ``horizon`` over ``curriculum_iters`` iterations (paper: "start at 1, grow").
+
+Everything random comes from one ``torch.Generator`` saved in the checkpoint, and the MPC sampler is reseeded
+every iteration, so ``resume`` reproduces an uninterrupted run exactly (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffmpc.mpc import MPC
+from diffmpc.nn import AngleFeatures, MLPDynamics, TargetStateCost
+
+from .training import load_checkpoint, quiet_convergence_warnings, save_checkpoint
+
+__all__ = [
+    "IfOConfig",
+    "IfOTrainer",
+    "IFO_PRESETS",
+    "make_dynamics",
+    "make_cost",
+    "make_mpc",
+    "cartpole_simulator",
+    "load_ifo_models",
+    "normalized_error",
+]
+
+Simulator = Callable[[Tensor, Tensor], Tensor]
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class IfOConfig:
+    """Settings of :class:`IfOTrainer` (defaults: the ``"quick"`` preset; see :data:`IFO_PRESETS`)."""
+
+    # learned dynamics h(x, u; θ_h)
+    hidden: tuple[int, ...] = (128, 128)
+    dyn_lr: float = 3e-3
+    dyn_batch: int = 256
+    warmup_queries: int = 20000  # simulator queries before the first cost step
+    warmup_steps: int = 2500  # Adam steps of the warm-up (cosine-decayed learning rate)
+    dyn_queries_per_iter: int = 64  # Alg. 2: new triplets per iteration
+    dyn_steps_per_iter: int = 5
+    # learned cost c(x; θ_c) trained through the MPC layer
+    iterations: int = 100
+    cost_batch: int = 64
+    cost_lr: float = 0.05
+    target_init_std: float = 0.1  # θ_c init: target ~ N(0, std²) in feature space, uniform weights
+    # the MPC layer used for training (forward: sampler + Newton refinement; backward: IFT with CG)
+    horizon: int = 10
+    curriculum_iters: int = 50  # H grows linearly from 1 to `horizon` over these iterations
+    sampler: str = "cem"
+    n_samples: int = 100
+    cem_iterations: int = 3
+    newton_iters: int = 20
+    tol: float = 1e-6
+    dtype: str = "float64"
+    # the MPC policy at evaluation time (no gradients: a stronger planner, float32)
+    eval_samples: int = 200
+    eval_cem_iterations: int = 4
+    eval_newton_iters: int = 5
+    eval_dtype: str = "float32"
+    checkpoint_every: int = 25
+    u_low: float = -1.0
+    u_high: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES or self.eval_dtype not in _DTYPES:
+            raise ValueError(f"dtype and eval_dtype must be one of {sorted(_DTYPES)}")
+        positive = (
+            "dyn_batch",
+            "warmup_queries",
+            "iterations",
+            "cost_batch",
+            "horizon",
+            "n_samples",
+            "newton_iters",
+            "eval_samples",
+            "checkpoint_every",
+            "curriculum_iters",
+        )
+        bad = [k for k in positive if getattr(self, k) < 1]
+        if bad:
+            raise ValueError(f"these settings must be >= 1: {bad}")
+        if not self.u_low < self.u_high:
+            raise ValueError(f"u_low must be below u_high, got {self.u_low}, {self.u_high}")
+
+    def horizon_at(self, iteration: int) -> int:
+        """The curriculum: ``H = 1`` at iteration 0, growing linearly to ``horizon``."""
+        return min(self.horizon, 1 + (self.horizon * iteration) // self.curriculum_iters)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IfOConfig:
+        d = dict(d)
+        d["hidden"] = tuple(d.get("hidden", cls.hidden))
+        return cls(**d)
+
+
+IFO_PRESETS: dict[str, IfOConfig] = {
+    "quick": IfOConfig(),
+    "paper": IfOConfig(
+        warmup_queries=40000,
+        warmup_steps=6000,
+        iterations=600,
+        cost_batch=128,
+        curriculum_iters=200,
+        n_samples=300,
+        cem_iterations=4,
+        newton_iters=30,
+        eval_samples=500,
+        eval_cem_iterations=5,
+        eval_newton_iters=10,
+    ),
+    # for tests: seconds, not minutes
+    "tiny": IfOConfig(
+        hidden=(32, 32),
+        warmup_queries=2000,
+        warmup_steps=200,
+        dyn_queries_per_iter=32,
+        dyn_steps_per_iter=2,
+        iterations=6,
+        cost_batch=16,
+        horizon=3,
+        curriculum_iters=3,
+        n_samples=32,
+        cem_iterations=2,
+        newton_iters=10,
+        eval_samples=32,
+        eval_cem_iterations=2,
+        eval_newton_iters=2,
+        checkpoint_every=2,
+    ),
+}
+
+
+def cartpole_simulator(x: Tensor, u: Tensor) -> Tensor:
+    """Query the cart-pole simulator in a batch: the function ``CartPoleSwingUp-v0.step`` integrates.
+
+    The learner only calls it (``x (N, 4), u (N, 1) -> x' (N, 4)``), as it would call ``env.step`` after
+    setting the state; it never differentiates it or reads its equations.
+    """
+    from envs import cartpole_dynamics
+
+    with torch.no_grad():
+        return cartpole_dynamics(x, u)
+
+
+def make_dynamics(cfg: IfOConfig) -> MLPDynamics:
+    """The learned cart-pole model: residual tanh MLP on ``(x, ẋ, θ̇, sin θ, cos θ, u)``."""
+    return MLPDynamics(4, 1, hidden=cfg.hidden, features=AngleFeatures(4, [2])).to(_DTYPES[cfg.dtype])
+
+
+def make_cost(cfg: IfOConfig, generator: torch.Generator | None = None) -> TargetStateCost:
+    """The learned cost: target ``φ̄ ~ N(0, target_init_std²)`` in feature space, uniform learnable weights."""
+    dtype = _DTYPES[cfg.dtype]
+    target = cfg.target_init_std * torch.randn(5, generator=generator, dtype=dtype)
+    return TargetStateCost(target, learn_weights=True, normalize_weights=True, features=AngleFeatures(4, [2]))
+
+
+def make_mpc(
+    dynamics: Any,
+    cost: Any,
+    cfg: IfOConfig,
+    horizon: int | None = None,
+    evaluation: bool = False,
+    seed: int | None = None,
+) -> MPC:
+    """The MPC layer of training (``evaluation=False``) or of the evaluated policy (stronger planner)."""
+    if evaluation:
+        return MPC(
+            dynamics,
+            cost,
+            horizon or cfg.horizon,
+            cfg.u_low,
+            cfg.u_high,
+            sampler=cfg.sampler,
+            n_samples=cfg.eval_samples,
+            cem_iterations=cfg.eval_cem_iterations,
+            max_iter=cfg.eval_newton_iters,
+            seed=seed,
+        )
+    return MPC(
+        dynamics,
+        cost,
+        horizon or cfg.horizon,
+        cfg.u_low,
+        cfg.u_high,
+        sampler=cfg.sampler,
+        n_samples=cfg.n_samples,
+        cem_iterations=cfg.cem_iterations,
+        max_iter=cfg.newton_iters,
+        tol=cfg.tol,
+        seed=seed,
+    )
+
+
+def normalized_error(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    """Per-sample ``‖(target − pred) ⊘ scale‖² / n``: the next-state error every learner here minimises."""
+    return (((target - pred) / scale) ** 2).mean(-1)
+
+
+@dataclass
+class IfOTrainer:
+    """Alg. 2 on expert state pairs ``(x, x')`` (arrays ``(N, 4)``); ``run()`` trains, checkpointing to
+    ``out/ifo_checkpoint.pt`` (``resume=True`` continues from there)."""
+
+    x: Tensor
+    x_next: Tensor
+    config: IfOConfig = field(default_factory=IfOConfig)
+    seed: int = 0
+    simulator: Simulator = cartpole_simulator
+    out: Path | None = None
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        dtype = _DTYPES[cfg.dtype]
+        self.x = torch.as_tensor(np.asarray(self.x), dtype=dtype)
+        self.x_next = torch.as_tensor(np.asarray(self.x_next), dtype=dtype)
+        if self.x.ndim != 2 or self.x.shape[1] != 4 or self.x.shape != self.x_next.shape:
+            raise ValueError(
+                f"expert pairs must be two (N, 4) arrays, got {tuple(self.x.shape)} and "
+                f"{tuple(self.x_next.shape)}"
+            )
+        if not bool(torch.isfinite(self.x).all() & torch.isfinite(self.x_next).all()):
+            raise ValueError("expert states contain NaN or inf")
+        torch.manual_seed(self.seed)  # module initialisation
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.dynamics = make_dynamics(cfg)
+        self.cost = make_cost(cfg, self.generator)
+        self.dyn_opt = torch.optim.Adam(self.dynamics.parameters(), cfg.dyn_lr)
+        self.cost_opt = torch.optim.Adam(self.cost.parameters(), cfg.cost_lr)
+        self.buffer: tuple[Tensor, Tensor, Tensor] | None = None
+        self.iteration = 0  # cost iterations done
+        self.warmed_up = False
+        self.history: list[dict[str, float]] = []
+        self.dyn_history: list[float] = []
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out is None else Path(self.out) / "ifo_checkpoint.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "ifo",
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "iteration": self.iteration,
+            "warmed_up": self.warmed_up,
+            "dynamics": self.dynamics.state_dict(),
+            "cost": self.cost.state_dict(),
+            "dyn_opt": self.dyn_opt.state_dict(),
+            "cost_opt": self.cost_opt.state_dict(),
+            "buffer": self.buffer,
+            "generator": self.generator.get_state(),
+            "history": self.history,
+            "dyn_history": self.dyn_history,
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dynamics.load_state_dict(state["dynamics"])
+        self.cost.load_state_dict(state["cost"])
+        self.dyn_opt.load_state_dict(state["dyn_opt"])
+        self.cost_opt.load_state_dict(state["cost_opt"])
+        self.buffer = state["buffer"]
+        self.generator.set_state(state["generator"])
+        self.iteration, self.warmed_up = state["iteration"], state["warmed_up"]
+        self.history, self.dyn_history = list(state["history"]), list(state["dyn_history"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+
+    def save(self) -> Path | None:
+        return (
+            None if self.checkpoint_path is None else save_checkpoint(self.checkpoint_path, self.state_dict())
+        )
+
+    def resume(self) -> bool:
+        """Load ``out/ifo_checkpoint.pt`` if it exists (same config and seed required); True if loaded."""
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        self.load_state_dict(
+            load_checkpoint(path, {"kind": "ifo", "config": self.config.to_dict(), "seed": self.seed})
+        )
+        return True
+
+    # ------------------------------------------------------------------ (a) dynamics
+    def query(self, n: int) -> None:
+        """Alg. 2, line "collect": ``x`` from the expert states, ``u ~ U(box)``, ``x' = F(x, u)``."""
+        cfg = self.config
+        idx = torch.randint(0, self.x.shape[0], (n,), generator=self.generator)
+        x = self.x[idx]
+        u = cfg.u_low + (cfg.u_high - cfg.u_low) * torch.rand(n, 1, generator=self.generator, dtype=x.dtype)
+        xn = self.simulator(x, u).to(x.dtype)
+        if self.buffer is None:
+            self.buffer = (x, u, xn)
+        else:
+            self.buffer = tuple(torch.cat([a, b]) for a, b in zip(self.buffer, (x, u, xn), strict=True))
+
+    def dynamics_steps(self, steps: int, lr: float | None = None) -> float:
+        """``steps`` Adam steps on the one-step regression loss (normalised increments); last loss."""
+        assert self.buffer is not None
+        x, u, xn = self.buffer
+        dyn = self.dynamics
+        dyn.requires_grad_(True)
+        loss = torch.zeros(())
+        for _ in range(steps):
+            b = torch.randint(0, x.shape[0], (self.config.dyn_batch,), generator=self.generator)
+            if lr is not None:
+                for group in self.dyn_opt.param_groups:
+                    group["lr"] = lr
+            loss = normalized_error(dyn(x[b], u[b]), xn[b], dyn.out_scale).mean()
+            self.dyn_opt.zero_grad()
+            loss.backward()
+            self.dyn_opt.step()
+        return float(loss.detach())
+
+    def warmup(self, progress: bool = False) -> None:
+        """Fit the normalisation and pre-train the dynamics on ``warmup_queries`` triplets (cosine LR)."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        self.query(cfg.warmup_queries)
+        self.dynamics.fit_normalization(*self.buffer)
+        for step in tqdm(range(cfg.warmup_steps), desc="dynamics warm-up", disable=not progress, leave=False):
+            lr = cfg.dyn_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.warmup_steps))
+            loss = self.dynamics_steps(1, lr=max(lr, 0.02 * cfg.dyn_lr))
+            if step % 100 == 0 or step == cfg.warmup_steps - 1:
+                self.dyn_history.append(loss)
+        for group in self.dyn_opt.param_groups:
+            group["lr"] = 0.1 * cfg.dyn_lr  # small steps during the alternation: the cost tracks the model
+        self.warmed_up = True
+
+    # ------------------------------------------------------------------ (b) cost through the MPC layer
+    def cost_step(self) -> dict[str, float]:
+        """One Adam step of the cost on a batch of expert pairs (Alg. 2, the IFT step)."""
+        cfg = self.config
+        H = cfg.horizon_at(self.iteration)
+        idx = torch.randint(0, self.x.shape[0], (cfg.cost_batch,), generator=self.generator)
+        x, xn = self.x[idx], self.x_next[idx]
+        self.dynamics.requires_grad_(False)  # θ_h is fixed while the cost learns
+        mpc = make_mpc(self.dynamics, self.cost, cfg, horizon=H, seed=self.seed * 1_000_003 + self.iteration)
+        with quiet_convergence_warnings():
+            u, info = mpc(x)
+        x_hat = self.dynamics(x, u[:, 0])
+        err = normalized_error(x_hat, xn, self.dynamics.out_scale)
+        ok = info.converged
+        n_ok = int(ok.sum())
+        if n_ok:
+            loss = err[ok].mean()
+            self.cost_opt.zero_grad()
+            loss.backward()
+            self.cost_opt.step()
+        self.dynamics.requires_grad_(True)
+        return {
+            "iteration": self.iteration,
+            "horizon": H,
+            "loss": float(err.detach().mean()),
+            "loss_converged": float(err.detach()[ok].mean()) if n_ok else float("nan"),
+            "converged": n_ok / cfg.cost_batch,
+        }
+
+    def imitation_loss(self, x: Tensor, x_next: Tensor, horizon: int | None = None, seed: int = 0) -> float:
+        """The cost loss on given expert pairs with a fixed sampler seed (all samples; no gradient)."""
+        dtype = _DTYPES[self.config.dtype]
+        x, x_next = torch.as_tensor(x, dtype=dtype), torch.as_tensor(x_next, dtype=dtype)
+        mpc = make_mpc(self.dynamics, self.cost, self.config, horizon=horizon, seed=seed)
+        with torch.no_grad(), quiet_convergence_warnings():
+            u, _ = mpc(x)
+            return float(normalized_error(self.dynamics(x, u[:, 0]), x_next, self.dynamics.out_scale).mean())
+
+    # ------------------------------------------------------------------ Alg. 2
+    def run(
+        self, progress: bool = True, resume: bool = False, stop_after: int | None = None
+    ) -> dict[str, Any]:
+        """Train to ``config.iterations`` cost iterations (``stop_after``: stop early, for tests).
+
+        Checkpoints every ``checkpoint_every`` iterations and on Ctrl-C (then re-raises).
+        """
+        from tqdm import tqdm
+
+        cfg = self.config
+        if resume:
+            self.resume()
+        t0 = time.perf_counter() - self.elapsed
+        # Ctrl-C saves the state at the start of the interrupted iteration, not a half-done one: resuming
+        # from it replays that iteration exactly (same generator draws), as an uninterrupted run would.
+        snapshot = copy.deepcopy(self.state_dict())
+        try:
+            if not self.warmed_up:
+                self.warmup(progress)
+                self.elapsed = time.perf_counter() - t0
+                self.save()
+            bar = tqdm(
+                total=cfg.iterations,
+                initial=self.iteration,
+                desc="IfO (cost through MPC)",
+                disable=not progress,
+            )
+            while self.iteration < cfg.iterations:
+                if stop_after is not None and self.iteration >= stop_after:
+                    break
+                snapshot = copy.deepcopy(self.state_dict())
+                self.query(cfg.dyn_queries_per_iter)
+                dyn_loss = self.dynamics_steps(cfg.dyn_steps_per_iter)
+                rec = self.cost_step()
+                rec["dyn_loss"] = dyn_loss
+                self.history.append(rec)
+                self.iteration += 1
+                self.elapsed = time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(H=rec["horizon"], loss=f"{rec['loss']:.3g}", conv=f"{rec['converged']:.2f}")
+                if self.iteration % cfg.checkpoint_every == 0:
+                    self.save()
+            bar.close()
+        except KeyboardInterrupt:
+            if self.checkpoint_path is not None:
+                save_checkpoint(self.checkpoint_path, snapshot)
+            raise
+        self.elapsed = time.perf_counter() - t0
+        self.save()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        c = self.cost
+        return {
+            "iterations": self.iteration,
+            "elapsed_s": self.elapsed,
+            "config": self.config.to_dict(),
+            "seed": self.seed,
+            "learned_target": c.target.detach().tolist(),
+            "learned_weights": c.weights.detach().tolist(),
+            "dyn_loss_final": self.dyn_history[-1] if self.dyn_history else None,
+            "history": self.history,
+        }
+
+
+def load_ifo_models(path: str | Path) -> tuple[MLPDynamics, TargetStateCost, IfOConfig]:
+    """The learned dynamics and cost of an IfO checkpoint (for evaluation / BC)."""
+    state = load_checkpoint(path, {"kind": "ifo"})
+    cfg = IfOConfig.from_dict(state["config"])
+    dyn, cost = make_dynamics(cfg), make_cost(cfg)
+    dyn.load_state_dict(state["dynamics"])
+    cost.load_state_dict(state["cost"])
+    return dyn, cost, cfg
+
+
+def with_overrides(cfg: IfOConfig, **overrides: Any) -> IfOConfig:
+    """``cfg`` with the given (non-None) fields replaced."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

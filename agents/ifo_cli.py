@@ -1,0 +1,481 @@
+"""``diffmpc train ifo|bc``, ``evaluate``, ``render``, ``table2`` and ``demo``: the paper's cart-pole
+imitation-from-observation experiment (Sec. 5, Table 2, Fig. 3) from the command line.
+
+Layout of a ``table2``/``demo`` output directory::
+
+    OUT/dataset/expert_cartpole.npz        expert states (generated unless --dataset is given)
+    OUT/run_<seed>/ifo/ifo_checkpoint.pt   learned dynamics + cost (IfO, Alg. 2), resumable
+    OUT/run_<seed>/bc/bc_checkpoint.pt     BC policy trained through that run's learned dynamics
+    OUT/run_<seed>/results.json            that run's evaluation (expert, BC, MPC_IFT at each variance)
+    OUT/results.json, OUT/table2.md        mean ± standard error over runs, gaps to the expert, the paper
+    OUT/fig3.mp4, OUT/fig3.gif, OUT/trajectories.png   one start rolled out by each policy (first run)
+
+Every step resumes: finished runs are skipped, interrupted trainings continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PAPER_TABLE2", "run_pipeline", "aggregate_runs", "table2_markdown", "register"]
+
+# Paper Table 2: average episode cost (low / high start variance).
+PAPER_TABLE2 = {"expert": (9.2, 9.3), "bc": (14.6, 18.4), "mpc_ift": (13.7, 14.7)}
+POLICY_NAMES = {"expert": "Expert (RS, true model)", "bc": "BC", "mpc_ift": "MPC_IFT (ours)"}
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def _pairs(dataset: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    from .dataset import load_dataset
+
+    data = load_dataset(dataset)
+    x, xn = data.transitions()
+    return x, xn, data.meta
+
+
+def _variances(which: str) -> dict[str, float]:
+    from .evaluation import START_VARIANCES
+
+    if which == "both":
+        return dict(START_VARIANCES)
+    if which not in START_VARIANCES:
+        raise ValueError(f"unknown variance {which!r}; choose low, high or both")
+    return {which: START_VARIANCES[which]}
+
+
+def train_ifo(
+    dataset: str | Path,
+    out: str | Path,
+    preset: str = "quick",
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Alg. 2 on the dataset's expert pairs; checkpoint and ``results.json`` under ``out``."""
+    from diffmpc.cli import write_results
+
+    from .ifo import IFO_PRESETS, IfOTrainer
+
+    x, xn, meta = _pairs(dataset)
+    trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out))
+    summary = trainer.run(progress=progress, resume=resume)
+    summary.update(
+        command="train ifo",
+        preset=preset,
+        dataset=str(dataset),
+        dataset_meta=meta,
+        checkpoint=str(trainer.checkpoint_path),
+    )
+    write_results(out, summary)
+    return summary
+
+
+def train_bc(
+    dataset: str | Path,
+    out: str | Path,
+    dynamics: str | Path,
+    preset: str = "quick",
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``."""
+    from diffmpc.cli import write_results
+
+    from .bc import BC_PRESETS, BCTrainer
+    from .ifo import load_ifo_models
+
+    x, xn, meta = _pairs(dataset)
+    dyn, _, _ = load_ifo_models(_checkpoint(dynamics, "ifo_checkpoint.pt"))
+    trainer = BCTrainer(x, xn, dyn, BC_PRESETS[preset], seed=seed, out=Path(out))
+    summary = trainer.run(progress=progress, resume=resume)
+    summary.update(
+        command="train bc",
+        preset=preset,
+        dataset=str(dataset),
+        dataset_meta=meta,
+        dynamics=str(dynamics),
+        checkpoint=str(trainer.checkpoint_path),
+    )
+    write_results(out, summary)
+    return summary
+
+
+def _checkpoint(path: str | Path, name: str) -> Path:
+    """A checkpoint file, or the directory holding ``name``."""
+    p = Path(path)
+    return p / name if p.is_dir() else p
+
+
+def make_policy(spec: str) -> Any:
+    """``expert``, ``ifo:PATH`` (MPC_IFT from an IfO checkpoint/dir) or ``bc:PATH`` -> a batched policy."""
+    from .evaluation import expert_policy, mpc_policy
+
+    kind, _, path = spec.partition(":")
+    if kind == "expert" and not path:
+        return expert_policy()
+    if kind in ("ifo", "mpc_ift") and path:
+        from .ifo import load_ifo_models
+
+        dyn, cost, cfg = load_ifo_models(_checkpoint(path, "ifo_checkpoint.pt"))
+        return mpc_policy(dyn, cost, cfg)
+    if kind == "bc" and path:
+        from .bc import load_bc_policy
+
+        return load_bc_policy(_checkpoint(path, "bc_checkpoint.pt")).requires_grad_(False)
+    raise ValueError(f"unknown policy {spec!r}; use expert, ifo:PATH or bc:PATH")
+
+
+def evaluate_policies(
+    policies: dict[str, Any], variances: dict[str, float], seed: int = 0, progress: bool = False
+) -> dict[str, dict[str, Any]]:
+    """``{policy: {variance_name: evaluate_policy(...)}}`` over the fixed 50 starts."""
+    from tqdm import tqdm
+
+    from .evaluation import evaluate_policy
+
+    out: dict[str, dict[str, Any]] = {}
+    jobs = [(n, v) for n in policies for v in variances]
+    for name, vname in tqdm(jobs, desc="evaluation", disable=not progress, leave=False):
+        out.setdefault(name, {})[vname] = evaluate_policy(policies[name], variances[vname], seed=seed)
+    return out
+
+
+def run_one(
+    seed: int,
+    dataset: str | Path,
+    out: str | Path,
+    preset: str = "quick",
+    variances: str = "both",
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """One training run of the pipeline (IfO, BC, evaluation of expert/BC/MPC_IFT); cached in
+    ``out/run_<seed>/results.json``."""
+    import torch
+
+    from diffmpc.cli import write_results
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(out) / f"run_{seed}"
+    cached = run_dir / "results.json"
+    if cached.is_file():
+        res = json.loads(cached.read_text())
+        if (
+            res.get("preset") == preset
+            and res.get("seed") == seed
+            and set(res["evaluation"]["expert"]) == set(_variances(variances))
+        ):
+            return res
+    t0 = time.perf_counter()
+    ifo = train_ifo(dataset, run_dir / "ifo", preset, seed, resume=True, progress=progress)
+    bc = train_bc(dataset, run_dir / "bc", run_dir / "ifo", preset, seed, resume=True, progress=progress)
+    t_train = time.perf_counter() - t0
+    policies = {
+        "expert": make_policy("expert"),
+        "bc": make_policy(f"bc:{run_dir / 'bc'}"),
+        "mpc_ift": make_policy(f"ifo:{run_dir / 'ifo'}"),
+    }
+    ev = evaluate_policies(policies, _variances(variances), seed=seed, progress=progress)
+    res = {
+        "seed": seed,
+        "preset": preset,
+        "dataset": str(dataset),
+        "train_time_s": t_train,
+        "wall_time_s": time.perf_counter() - t0,
+        "ifo_train_s": ifo["elapsed_s"],
+        "bc_train_s": bc["elapsed_s"],
+        "learned_target": ifo["learned_target"],
+        "learned_weights": ifo["learned_weights"],
+        "evaluation": ev,
+    }
+    write_results(run_dir, res)
+    return res
+
+
+def aggregate_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± standard error over runs of each policy's mean episode cost, and the paired gap to the expert.
+
+    With one run, the standard error is over the 50 episodes instead (``stderr_over``)."""
+    table: dict[str, Any] = {}
+    variances = list(runs[0]["evaluation"]["expert"])
+    for name in runs[0]["evaluation"]:
+        row = {}
+        for v in variances:
+            means = np.array([r["evaluation"][name][v]["mean_cost"] for r in runs])
+            gaps = means - np.array([r["evaluation"]["expert"][v]["mean_cost"] for r in runs])
+            if len(runs) > 1:
+                se, gse, over = (
+                    means.std(ddof=1) / np.sqrt(len(runs)),
+                    gaps.std(ddof=1) / np.sqrt(len(runs)),
+                    "runs",
+                )
+            else:
+                se, gse, over = runs[0]["evaluation"][name][v]["stderr"], float("nan"), "episodes"
+            row[v] = {
+                "mean": float(means.mean()),
+                "stderr": float(se),
+                "gap_to_expert": float(gaps.mean()),
+                "gap_stderr": float(gse),
+                "per_run": means.tolist(),
+                "stderr_over": over,
+            }
+        table[name] = row
+    return table
+
+
+def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: float) -> str:
+    """The Table 2 comparison: ours (mean ± s.e., gap to our expert) next to the paper's numbers/gaps."""
+    variances = list(table["expert"])
+    idx = {"low": 0, "high": 1}
+    head = "| policy | " + " | ".join(f"{v} variance: ours (gap) | paper (gap)" for v in variances) + " |"
+    lines = [head, "|---|" + "---|---|" * len(variances)]
+    for name, row in table.items():
+        cells = []
+        for v in variances:
+            r = row[v]
+            gap = "" if name == "expert" else f" ({r['gap_to_expert']:+.2f})"
+            p = PAPER_TABLE2[name][idx.get(v, 0)]
+            pgap = "" if name == "expert" else f" ({p - PAPER_TABLE2['expert'][idx.get(v, 0)]:+.1f})"
+            cells += [f"{r['mean']:.2f} ± {r['stderr']:.2f}{gap}", f"{p:.1f}{pgap}"]
+        lines.append(f"| {POLICY_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+    over = table["expert"][variances[0]]["stderr_over"]
+    lines += [
+        "",
+        f"Average episode cost over 50 fixed starts (40 steps), mean ± standard error over {over} "
+        f"({runs} training run(s)); gap = policy − expert, paired per run. Produced by `{command}` in "
+        f"{minutes:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_run(
+    run_dir: str | Path, out: str | Path, variance: float = 0.04, index: int = 0, seed: int = 0
+) -> list[Path]:
+    """Fig. 3: one start (the ``index``-th test start) rolled out by expert, BC and MPC_IFT of a run;
+    writes ``fig3.mp4``, ``fig3.gif`` and ``trajectories.png`` under ``out``."""
+    from .evaluation import plot_trajectories, render_comparison, rollout, start_states
+
+    run_dir, out = Path(run_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x0 = start_states(variance)[index : index + 1]
+    rolls = {}
+    for name, spec in (
+        ("Expert", "expert"),
+        ("BC", f"bc:{run_dir / 'bc'}"),
+        ("MPC_IFT", f"ifo:{run_dir / 'ifo'}"),
+    ):
+        pol = make_policy(spec)
+        if hasattr(pol, "reset"):
+            pol.reset(seed)
+        r = rollout(pol, x0)
+        rolls[f"{name} (cost {float(r['episode_cost'][0]):.1f})"] = r
+    paths = render_comparison(rolls, out / "fig3")
+    paths.append(Path(plot_trajectories(rolls, out / "trajectories.png")))
+    return paths
+
+
+def run_pipeline(
+    out: str | Path,
+    runs: int = 10,
+    preset: str = "quick",
+    seed: int = 0,
+    dataset: str | Path | None = None,
+    episodes: int = 100,
+    variances: str = "both",
+    jobs: int = 1,
+    progress: bool = True,
+    command: str = "diffmpc table2",
+) -> dict[str, Any]:
+    """The whole Table 2 / Fig. 3 pipeline (see the module docstring); returns the aggregated results."""
+    from diffmpc.cli import write_results
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    if dataset is None:
+        from .dataset import generate_dataset
+
+        dataset = out / "dataset" / "expert_cartpole.npz"
+        if not dataset.is_file():
+            generate_dataset(dataset, episodes=episodes, seed=seed, progress=progress)
+    seeds = [seed + i for i in range(runs)]
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        from tqdm import tqdm
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, s, dataset, out, preset, variances, False, 1) for s in seeds]
+            results = [f.result() for f in tqdm(futures, desc="training runs", disable=not progress)]
+    else:
+        results = [run_one(s, dataset, out, preset, variances, progress) for s in seeds]
+    table = aggregate_runs(results)
+    minutes = (time.perf_counter() - t0) / 60
+    md = table2_markdown(table, runs, command, minutes)
+    (out / "table2.md").write_text(md)
+    media = render_run(out / f"run_{seeds[0]}", out, seed=seeds[0])
+    res = {
+        "command": command,
+        "runs": runs,
+        "seeds": seeds,
+        "preset": preset,
+        "dataset": str(dataset),
+        "table": table,
+        "paper": PAPER_TABLE2,
+        "wall_time_min": minutes,
+        "media": [str(p) for p in media],
+        "per_run": [
+            {k: r[k] for k in ("seed", "wall_time_s", "learned_target", "learned_weights")} for r in results
+        ],
+    }
+    write_results(out, res)
+    print(md)
+    print("video:", ", ".join(str(p) for p in media))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _common(p: Any, out_default: str | None = None) -> None:
+    p.add_argument("--out", required=out_default is None, default=out_default, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="training seed (runs use SEED, SEED+1, ...)")
+    p.add_argument(
+        "--preset",
+        choices=("quick", "paper", "tiny"),
+        default="quick",
+        help="quick: minutes on 2 CPU cores; paper: the full budget; tiny: a smoke test",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _cmd_train(args: Any) -> int:
+    if args.what == "ifo":
+        s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress)
+        print(
+            f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
+            f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
+        )
+    else:
+        if not args.dynamics:
+            raise SystemExit(
+                "train bc needs --dynamics IFO_DIR (the learned model BC maps its controls through)"
+            )
+        s = train_bc(
+            args.dataset, args.out, args.dynamics, args.preset, args.seed, args.resume, not args.no_progress
+        )
+        print(
+            f"BC: {s['steps']} steps in {s['elapsed_s']:.0f} s, final loss {s['loss_final']:.4g} "
+            f"-> {args.out}"
+        )
+    return 0
+
+
+def _cmd_evaluate(args: Any) -> int:
+    from diffmpc.cli import write_results
+
+    policies = {spec: make_policy(spec) for spec in args.policy}
+    res = evaluate_policies(
+        policies, _variances(args.variance), seed=args.seed, progress=not args.no_progress
+    )
+    path = write_results(args.out, {"command": "evaluate", "seed": args.seed, "evaluation": res})
+    for spec, rows in res.items():
+        for v, r in rows.items():
+            print(f"{spec:>30s} {v:>4s} variance: {r['mean_cost']:.3f} ± {r['stderr']:.3f}")
+    print(f"-> {path}")
+    return 0
+
+
+def _cmd_render(args: Any) -> int:
+    from .evaluation import START_VARIANCES
+
+    paths = render_run(args.run, args.out, START_VARIANCES[args.variance], args.index, args.seed)
+    print("wrote", ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_table2(args: Any) -> int:
+    cmd = f"diffmpc table2 --runs {args.runs} --preset {args.preset} --seed {args.seed} --jobs {args.jobs}"
+    cmd += f" --dataset {args.dataset}" if args.dataset else f" --episodes {args.episodes}"
+    run_pipeline(
+        args.out,
+        args.runs,
+        args.preset,
+        args.seed,
+        args.dataset,
+        args.episodes,
+        args.variance,
+        args.jobs,
+        not args.no_progress,
+        command=cmd,
+    )
+    return 0
+
+
+def _cmd_demo(args: Any) -> int:
+    cmd = f"diffmpc demo --preset {args.preset} --seed {args.seed}"
+    run_pipeline(
+        args.out, 1, args.preset, args.seed, None, args.episodes, "low", 1, not args.no_progress, command=cmd
+    )
+    print(f"side-by-side video (expert | BC | MPC_IFT): {Path(args.out) / 'fig3.mp4'}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    t = subparsers.add_parser(
+        "train",
+        help="train an imitation-from-observation agent (ifo) or BC (bc)",
+        description="Train MPC_IFT (paper Alg. 2) or the BC baseline on expert states.",
+    )
+    t.add_argument("what", choices=("ifo", "bc"))
+    t.add_argument("--dataset", required=True, help="expert dataset (.npz from `diffmpc dataset`)")
+    t.add_argument(
+        "--dynamics", help="bc: IfO output dir/checkpoint whose learned dynamics BC trains through"
+    )
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint under --out")
+    _common(t)
+    t.set_defaults(handler=_cmd_train)
+
+    e = subparsers.add_parser(
+        "evaluate",
+        help="average episode cost over the 50 fixed test starts",
+        description="Evaluate policies: expert, ifo:PATH, bc:PATH (repeatable).",
+    )
+    e.add_argument("--policy", action="append", required=True, help="expert | ifo:PATH | bc:PATH")
+    e.add_argument("--variance", choices=("low", "high", "both"), default="both")
+    _common(e)
+    e.set_defaults(handler=_cmd_evaluate)
+
+    r = subparsers.add_parser("render", help="side-by-side video + trajectory plot of a run (paper Fig. 3)")
+    r.add_argument("--run", required=True, help="a run directory holding ifo/ and bc/ (from table2/demo)")
+    r.add_argument("--variance", choices=("low", "high"), default="low")
+    r.add_argument("--index", type=int, default=0, help="which of the 50 test starts")
+    _common(r)
+    r.set_defaults(handler=_cmd_render)
+
+    p = subparsers.add_parser(
+        "table2",
+        help="the whole Table 2 pipeline over several training runs",
+        description="Dataset, IfO + BC training per seed, evaluation, table, video.",
+    )
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--dataset", help="expert dataset (default: generate OUT/dataset/expert_cartpole.npz)")
+    p.add_argument("--episodes", type=int, default=100, help="expert trajectories when generating")
+    p.add_argument("--variance", choices=("low", "high", "both"), default="both")
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (1 thread each)")
+    _common(p, "runs/table2")
+    p.set_defaults(handler=_cmd_table2)
+
+    d = subparsers.add_parser(
+        "demo",
+        help="the quick cart-pole pipeline end to end, with a video",
+        description="Expert data, IfO and BC training, evaluation, side-by-side video.",
+    )
+    d.add_argument("--episodes", type=int, default=30, help="expert trajectories to generate")
+    _common(d, "runs/demo")
+    d.set_defaults(handler=_cmd_demo)

@@ -1,0 +1,313 @@
+"""Imitation from observation (paper Alg. 2), the BC baseline, evaluation, checkpoints and the Table 2 CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs
+from agents.bc import BC_PRESETS, BCTrainer
+from agents.dataset import load_dataset
+from agents.evaluation import evaluate_policy, expert_policy, mpc_policy, rollout, start_states
+from agents.ifo import IFO_PRESETS, IfOConfig, IfOTrainer, load_ifo_models
+from agents.ifo_cli import aggregate_runs, make_policy, table2_markdown
+from agents.training import CheckpointError, load_checkpoint, save_checkpoint
+from diffmpc.cli import main as cli_main
+from diffmpc.nn import AngleFeatures, MLPDynamics, TargetStateCost
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = IFO_PRESETS["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster and makes runs bit-reproducible."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    x, xn = load_dataset(ROOT / "data" / "expert_cartpole_rs.npz").transitions()
+    return x[:800], xn[:800]
+
+
+def params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.state_dict().values()]
+
+
+# ------------------------------------------------------------------------------------------ learned modules
+def test_angle_features_are_periodic_and_ordered():
+    f = AngleFeatures(4, [2])
+    x = torch.tensor([[0.3, -0.2, 1.0, 2.0]], dtype=torch.float64)
+    y = x.clone()
+    y[0, 2] += 2 * math.pi
+    torch.testing.assert_close(f(x), f(y))
+    torch.testing.assert_close(
+        f(x)[0], torch.tensor([0.3, -0.2, 2.0, math.sin(1.0), math.cos(1.0)], dtype=torch.float64)
+    )
+    assert f.out_dim == 5
+    with pytest.raises(ValueError, match="distinct indices"):
+        AngleFeatures(4, [2, 2])
+
+
+def test_mlp_dynamics_normalisation_and_gradients():
+    torch.manual_seed(0)
+    dyn = MLPDynamics(4, 1, hidden=(8,), features=AngleFeatures(4, [2])).double()
+    x, u = torch.randn(200, 4, dtype=torch.float64), torch.rand(200, 1, dtype=torch.float64)
+    xn = x + torch.tensor([0.1, 5.0, 0.2, 3.0], dtype=torch.float64) * torch.randn(
+        200, 4, dtype=torch.float64
+    )
+    dyn.fit_normalization(x, u, xn)
+    torch.testing.assert_close(dyn.out_scale, (xn - x).std(0))
+    inp = torch.cat([AngleFeatures(4, [2])(x), u], 1)
+    torch.testing.assert_close(
+        ((inp - dyn.in_mean) / dyn.in_scale).mean(0), torch.zeros(6, dtype=torch.float64)
+    )
+    xs, us = x[:3].requires_grad_(), u[:3].requires_grad_()
+    assert torch.autograd.gradcheck(dyn, (xs, us))
+
+
+def test_target_state_cost_normalized_weights_sum_to_k():
+    c = TargetStateCost(
+        torch.zeros(5, dtype=torch.float64),
+        learn_weights=True,
+        normalize_weights=True,
+        features=AngleFeatures(4, [2]),
+    )
+    with torch.no_grad():
+        c.w_raw.copy_(torch.randn(5, dtype=torch.float64))
+    assert float(c.weights.detach().sum()) == pytest.approx(5.0)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    phi = AngleFeatures(4, [2])(x)
+    torch.testing.assert_close(c(x), (c.weights * phi**2).sum(-1))
+
+
+# ------------------------------------------------------------------------------------------ IfO trainer
+def test_ifo_trainer_learns_dynamics_and_reduces_the_imitation_loss(pairs):
+    x, xn = pairs
+    cfg = replace(TINY, iterations=12, horizon=2, curriculum_iters=2, cost_lr=0.1)
+    tr = IfOTrainer(x, xn, cfg, seed=0)
+    tr.warmup()
+    assert tr.dyn_history[-1] < 0.2 * tr.dyn_history[0]  # the one-step model fits the simulator
+    before = tr.imitation_loss(x[:200], xn[:200], horizon=2)
+    summary = tr.run(progress=False)
+    after = tr.imitation_loss(x[:200], xn[:200], horizon=2)
+    assert after < before - 0.01, (before, after)  # the IFT gradient through the MPC layer helps
+    assert summary["iterations"] == 12
+    assert [h["horizon"] for h in summary["history"]][:3] == [1, 2, 2]  # curriculum starts at H = 1
+    assert all(0.0 <= h["converged"] <= 1.0 for h in summary["history"])
+
+
+def test_ifo_checkpoint_resume_equals_uninterrupted_run(pairs, tmp_path):
+    x, xn = pairs
+    full = IfOTrainer(x, xn, TINY, seed=3)
+    full.run(progress=False)
+
+    part = IfOTrainer(x, xn, TINY, seed=3, out=tmp_path)
+    part.run(progress=False, stop_after=3)
+    resumed = IfOTrainer(x, xn, TINY, seed=3, out=tmp_path)
+    resumed.run(progress=False, resume=True)
+    assert resumed.iteration == full.iteration == TINY.iterations
+    for a, b in zip(
+        params(full.dynamics) + params(full.cost),
+        params(resumed.dynamics) + params(resumed.cost),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(pairs, tmp_path):
+    x, xn = pairs
+    calls = {"n": 0}
+
+    def flaky_simulator(xb, ub):  # the user presses Ctrl-C during the 4th simulator query
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return envs.cartpole_dynamics(xb, ub)
+
+    tr = IfOTrainer(x, xn, TINY, seed=1, out=tmp_path, simulator=flaky_simulator)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run(progress=False)
+    state = load_checkpoint(tmp_path / "ifo_checkpoint.pt", {"kind": "ifo"})
+    assert state["iteration"] == 2 and state["warmed_up"]
+    resumed = IfOTrainer(x, xn, TINY, seed=1, out=tmp_path)
+    resumed.run(progress=False, resume=True)
+    full = IfOTrainer(x, xn, TINY, seed=1)
+    full.run(progress=False)
+    for a, b in zip(params(full.cost), params(resumed.cost), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resume_refuses_another_configuration(pairs, tmp_path):
+    x, xn = pairs
+    IfOTrainer(x, xn, TINY, seed=0, out=tmp_path).run(progress=False, stop_after=1)
+    other = IfOTrainer(x, xn, replace(TINY, cost_lr=0.5), seed=0, out=tmp_path)
+    with pytest.raises(CheckpointError, match="cost_lr|config"):
+        other.run(progress=False, resume=True)
+
+
+def test_bad_inputs_raise_clear_errors(pairs, tmp_path):
+    x, xn = pairs
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        IfOTrainer(x[:, :3], xn[:, :3], TINY)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        IfOTrainer(bad, xn, TINY)
+    with pytest.raises(ValueError, match=">= 1"):
+        IfOConfig(iterations=0)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("ppo")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"a": torch.ones(2)})
+    save_checkpoint(path, {"a": torch.zeros(2)})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary files left behind
+    torch.testing.assert_close(load_checkpoint(path)["a"], torch.zeros(2))
+
+
+# ------------------------------------------------------------------------------------------ BC
+def test_bc_reduces_its_loss_and_resumes_exactly(pairs, tmp_path):
+    x, xn = pairs
+    tr = IfOTrainer(x, xn, TINY, seed=0)
+    tr.warmup()
+    cfg = replace(BC_PRESETS["tiny"], steps=200)
+    full = BCTrainer(x, xn, tr.dynamics, cfg, seed=0)
+    res = full.run(progress=False)
+    assert res["history"][-1] < 0.7 * res["history"][0]
+    BCTrainer(x, xn, tr.dynamics, cfg, seed=0, out=tmp_path).run(progress=False, stop_after=70)
+    resumed = BCTrainer(x, xn, tr.dynamics, cfg, seed=0, out=tmp_path)
+    resumed.run(progress=False, resume=True)
+    for a, b in zip(params(full.policy), params(resumed.policy), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    u = full.policy(torch.randn(10, 4, dtype=torch.float64) * 3)
+    assert u.shape == (10, 1) and bool((u.abs() <= 1).all())
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_batched_rollout_equals_the_gymnasium_episode(pairs):
+    x, xn = pairs
+    tr = IfOTrainer(x, xn, TINY, seed=0)
+    tr.warmup()
+    policy = BCTrainer(x, xn, tr.dynamics, BC_PRESETS["tiny"], seed=0).policy.requires_grad_(False)
+    x0 = start_states(0.08, n=3)
+    batch = rollout(policy, x0)
+    env = gym.make(envs.CARTPOLE_ID)
+    for i in range(3):
+        _, info = env.reset(options={"state": x0[i].numpy()})
+        total, state, done, t = 0.0, info["state"], False, 0
+        while not done:
+            a = policy(torch.as_tensor(state).reshape(1, 4))[0].numpy()
+            np.testing.assert_allclose(a, batch["actions"][i, t].numpy(), rtol=0, atol=1e-12)
+            _, _, term, trunc, info = env.step(a)
+            state, total, done, t = info["state"], total + info["cost"], term or trunc, t + 1
+        assert t == batch["costs"].shape[1] == envs.CARTPOLE_EPISODE_STEPS
+        assert total == pytest.approx(float(batch["episode_cost"][i]), abs=1e-10)
+
+
+def test_start_states_are_fixed_and_scaled():
+    a, b = start_states(0.04), start_states(0.04)
+    torch.testing.assert_close(a, b)
+    assert a.shape == (50, 4)
+    assert 0.1 < float(a.std()) < 0.3
+    assert not torch.equal(start_states(0.04, seed=1), a)
+
+
+def test_evaluation_is_deterministic_under_a_seed(pairs):
+    x, xn = pairs
+    tr = IfOTrainer(x, xn, replace(TINY, iterations=2), seed=0)
+    tr.run(progress=False)
+    for make in (lambda: mpc_policy(tr.dynamics, tr.cost, tr.config), lambda: expert_policy(n_samples=64)):
+        r1 = evaluate_policy(make(), 0.04, seed=5, n=4)
+        r2 = evaluate_policy(make(), 0.04, seed=5, n=4)
+        assert r1["episode_costs"] == r2["episode_costs"]
+        assert all(0 <= c <= 40 for c in r1["episode_costs"])
+    r3 = evaluate_policy(expert_policy(n_samples=64), 0.04, seed=6, n=4)
+    assert r3["episode_costs"] != r1["episode_costs"]  # the seed reaches the sampler
+
+
+def test_aggregate_runs_pairs_gaps_and_reports_stderr():
+    def run(e, b, m):
+        ev = {
+            k: {"low": {"mean_cost": v, "stderr": 0.1}} for k, v in (("expert", e), ("bc", b), ("mpc_ift", m))
+        }
+        return {"evaluation": ev}
+
+    table = aggregate_runs([run(10, 20, 12), run(12, 21, 13)])
+    low = table["mpc_ift"]["low"]
+    assert low["mean"] == pytest.approx(12.5) and low["gap_to_expert"] == pytest.approx(1.5)
+    assert low["stderr"] == pytest.approx(0.5) and low["gap_stderr"] == pytest.approx(0.5)
+    md = table2_markdown(table, 2, "diffmpc table2 --runs 2", 1.0)
+    assert "MPC_IFT" in md and "(+1.50)" in md and "13.7 (+4.5)" in md
+
+
+def test_cli_train_evaluate_render(pairs, tmp_path):
+    data = ROOT / "data" / "expert_cartpole_rs.npz"
+    ifo, bc = tmp_path / "ifo", tmp_path / "bc"
+    assert (
+        cli_main(
+            ["train", "ifo", "--dataset", str(data), "--out", str(ifo), "--preset", "tiny", "--no-progress"]
+        )
+        == 0
+    )
+    assert json.loads((ifo / "results.json").read_text())["iterations"] == TINY.iterations
+    assert (
+        cli_main(
+            [
+                "train",
+                "bc",
+                "--dataset",
+                str(data),
+                "--dynamics",
+                str(ifo),
+                "--out",
+                str(bc),
+                "--preset",
+                "tiny",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    dyn, cost, cfg = load_ifo_models(ifo / "ifo_checkpoint.pt")
+    assert cfg == TINY
+    out = tmp_path / "eval"
+    assert (
+        cli_main(
+            ["evaluate", "--policy", f"bc:{bc}", "--variance", "low", "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
+    res = json.loads((out / "results.json").read_text())["evaluation"]
+    assert set(res) == {f"bc:{bc}"} and len(res[f"bc:{bc}"]["low"]["episode_costs"]) == 50
+    with pytest.raises(SystemExit):
+        cli_main(["train", "bc", "--dataset", str(data), "--out", str(bc)])
+
+
+@pytest.mark.slow
+def test_demo_pipeline_writes_table_and_video(tmp_path):
+    assert (
+        cli_main(["demo", "--preset", "tiny", "--episodes", "2", "--out", str(tmp_path), "--no-progress"])
+        == 0
+    )
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["table"]) == {"expert", "bc", "mpc_ift"}
+    for name in ("fig3.mp4", "fig3.gif", "trajectories.png", "table2.md"):
+        assert (tmp_path / name).stat().st_size > 0
