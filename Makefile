@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
+# The cart-pole pipeline, quick preset: expert data, IfO + BC training, evaluation, side-by-side video.
 demo: $(STAMP)
-	$(PY) -m diffmpc kepler --out $(OUT)/kepler
+	$(PY) -m diffmpc demo --out $(OUT)/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
