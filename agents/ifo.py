@@ -138,12 +138,12 @@ IFO_PRESETS: dict[str, IfOConfig] = {
     "paper": IfOConfig(
         warmup_queries=40000,
         warmup_steps=6000,
-        iterations=600,
+        iterations=300,
         cost_batch=128,
-        curriculum_iters=200,
+        curriculum_iters=100,
         n_samples=300,
         cem_iterations=4,
-        newton_iters=30,
+        newton_iters=100,  # at H = 10 Newton needs ~30 iterations on average, some up to ~200
         eval_samples=500,
         eval_cem_iterations=5,
         eval_newton_iters=10,
