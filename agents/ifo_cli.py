@@ -342,16 +342,18 @@ def run_pipeline(
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _common(p: Any, out_default: str | None = None) -> None:
+def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_help: str = "") -> None:
     p.add_argument("--out", required=out_default is None, default=out_default, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="training seed (runs use SEED, SEED+1, ...)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help or "training seed (runs: SEED, SEED+1, ...)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if not preset:
+        return
     p.add_argument(
         "--preset",
         choices=("quick", "paper", "tiny"),
         default="quick",
         help="quick: minutes on 2 CPU cores; paper: the full budget; tiny: a smoke test",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _cmd_train(args: Any) -> int:
@@ -448,14 +450,14 @@ def register(subparsers: Any) -> None:
     )
     e.add_argument("--policy", action="append", required=True, help="expert | ifo:PATH | bc:PATH")
     e.add_argument("--variance", choices=("low", "high", "both"), default="both")
-    _common(e)
+    _common(e, preset=False, seed_help="seed of the sampling planners (expert, MPC_IFT)")
     e.set_defaults(handler=_cmd_evaluate)
 
     r = subparsers.add_parser("render", help="side-by-side video + trajectory plot of a run (paper Fig. 3)")
     r.add_argument("--run", required=True, help="a run directory holding ifo/ and bc/ (from table2/demo)")
     r.add_argument("--variance", choices=("low", "high"), default="low")
     r.add_argument("--index", type=int, default=0, help="which of the 50 test starts")
-    _common(r)
+    _common(r, preset=False, seed_help="seed of the sampling planners (expert, MPC_IFT)")
     r.set_defaults(handler=_cmd_render)
 
     p = subparsers.add_parser(
