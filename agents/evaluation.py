@@ -131,31 +131,41 @@ class _Planner:
         return plan[:, 0].to(torch.float64)
 
 
-def expert_policy(horizon: int = 10, n_samples: int = 1000, substeps: int = 4) -> _Planner:
-    """The paper's expert, batched: random shooting (1000 plans, H = 10, no warm start) on the true model and
-    cost — :class:`agents.SamplingExpert` with ``ExpertConfig()`` for B starts at once."""
-    from diffmpc.sampling import random_shooting
+def expert_policy(
+    horizon: int = 10, n_samples: int = 1000, substeps: int = 4, planner: str = "rs",
+    cem_iterations: int = 4,
+) -> _Planner:
+    """The expert on the true model and cost, batched over B starts.
+
+    ``planner="rs"`` is the paper's expert: random shooting (1000 plans, H = 10, no warm start) —
+    :class:`agents.SamplingExpert` with ``ExpertConfig()``. ``planner="cem"`` is a stronger reference with
+    the sampling budget MPC_IFT gets at test time (CEM ``n_samples`` × ``cem_iterations``, 10 % elites,
+    warm-started by the shifted previous plan): it separates "the learner beats a noisy planner" from
+    "the learner beats the true model".
+    """
+    from diffmpc.sampling import cem, random_shooting
 
     from .expert import cartpole_plan_cost
 
+    if planner not in ("rs", "cem"):
+        raise ValueError(f"unknown expert planner {planner!r}; use 'rs' (the paper's) or 'cem'")
     gen = torch.Generator()
     low, high = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
 
+    def plan_cost(x0: Tensor, u: Tensor) -> Tensor:
+        return cartpole_plan_cost(x0, u, substeps=substeps)
+
     def plan(x: Tensor, warm: Tensor | None) -> Tensor:
-        u, _ = random_shooting(
-            lambda x0, u: cartpole_plan_cost(x0, u, substeps=substeps),
-            x,
-            horizon,
-            low,
-            high,
-            n_samples,
-            None,
-            gen,
-        )
+        if planner == "rs":
+            u, _ = random_shooting(plan_cost, x, horizon, low, high, n_samples, None, gen)
+        else:
+            u, _ = cem(plan_cost, x, horizon, low, high, n_samples, max(1, n_samples // 10),
+                       cem_iterations, u_init=warm, generator=gen)
         return u
 
     return _Planner(
-        plan, torch.float64, lambda s: gen.manual_seed(0 if s is None else int(s)), warm_start=False
+        plan, torch.float64, lambda s: gen.manual_seed(0 if s is None else int(s)),
+        warm_start=planner == "cem",
     )
 
 

@@ -119,6 +119,9 @@ def make_policy(spec: str) -> Any:
     kind, _, path = spec.partition(":")
     if kind == "expert" and not path:
         return expert_policy()
+    if kind == "expert" and path in ("rs", "cem"):
+        # ``expert:cem``: CEM 200 × 4 on the true model — the budget of MPC_IFT's test-time planner.
+        return expert_policy(planner=path, n_samples=1000 if path == "rs" else 200)
     if kind in ("ifo", "mpc_ift") and path:
         from .ifo import load_ifo_models
 
@@ -128,7 +131,7 @@ def make_policy(spec: str) -> Any:
         from .bc import load_bc_policy
 
         return load_bc_policy(_checkpoint(path, "bc_checkpoint.pt")).requires_grad_(False)
-    raise ValueError(f"unknown policy {spec!r}; use expert, ifo:PATH or bc:PATH")
+    raise ValueError(f"unknown policy {spec!r}; use expert, expert:cem, ifo:PATH or bc:PATH")
 
 
 def evaluate_policies(
@@ -446,9 +449,12 @@ def register(subparsers: Any) -> None:
     e = subparsers.add_parser(
         "evaluate",
         help="average episode cost over the 50 fixed test starts",
-        description="Evaluate policies: expert, ifo:PATH, bc:PATH (repeatable).",
+        description="Evaluate policies: expert, expert:cem, ifo:PATH, bc:PATH (repeatable).",
     )
-    e.add_argument("--policy", action="append", required=True, help="expert | ifo:PATH | bc:PATH")
+    e.add_argument(
+        "--policy", action="append", required=True,
+        help="expert (the paper's RS planner) | expert:cem | ifo:PATH | bc:PATH",
+    )
     e.add_argument("--variance", choices=("low", "high", "both"), default="both")
     _common(e, preset=False, seed_help="seed of the sampling planners (expert, MPC_IFT)")
     e.set_defaults(handler=_cmd_evaluate)

@@ -169,6 +169,10 @@ def test_bad_inputs_raise_clear_errors(pairs, tmp_path):
         IfOConfig(iterations=0)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("ppo")
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("expert:ilqr")
+    with pytest.raises(ValueError, match="unknown expert planner"):
+        expert_policy(planner="ilqr")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -234,7 +238,11 @@ def test_evaluation_is_deterministic_under_a_seed(pairs):
     x, xn = pairs
     tr = IfOTrainer(x, xn, replace(TINY, iterations=2), seed=0)
     tr.run(progress=False)
-    for make in (lambda: mpc_policy(tr.dynamics, tr.cost, tr.config), lambda: expert_policy(n_samples=64)):
+    for make in (
+        lambda: mpc_policy(tr.dynamics, tr.cost, tr.config),
+        lambda: expert_policy(n_samples=64),
+        lambda: expert_policy(n_samples=32, planner="cem", cem_iterations=2),
+    ):
         r1 = evaluate_policy(make(), 0.04, seed=5, n=4)
         r2 = evaluate_policy(make(), 0.04, seed=5, n=4)
         assert r1["episode_costs"] == r2["episode_costs"]
