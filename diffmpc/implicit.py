@@ -356,6 +356,15 @@ def argmin(
             fun_b(yr, *[t.detach() if isinstance(t, Tensor) else t for t in inputs]).sum(), yr
         )
     residual = _norm(gr)
+    nan_grad = torch.isnan(residual) & torch.isfinite(yr.detach().reshape(residual.shape[0], -1)).all(1)
+    if bool(nan_grad.any()):
+        # A finite y* with a NaN gradient is a property of the objective, not of the solver: the IFT needs
+        # ∇f and ∇²f at y*, so a silent NaN (or a warning) would only move the failure into backward.
+        raise ValueError(
+            f"argmin: the objective's gradient is NaN at the solution y* for {_failing(nan_grad, residual)}; "
+            "f is not differentiable there (e.g. sqrt, abs or norm at 0). Smooth the objective (sqrt(y² + ε)) "
+            "or start the solver elsewhere."
+        )
     converged = _forward_check("argmin", residual, yr.detach(), tol_v, 10.0, strict)
     info = ImplicitInfo(residual, iters, converged, tol_v)
     if backward == "unroll":

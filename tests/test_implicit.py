@@ -275,6 +275,9 @@ def test_bad_inputs_raise_clear_errors():
         root(lambda y: y.sum(), torch.zeros(3, dtype=DT))
     with pytest.raises(ConvergenceError, match="NaN/inf"):
         argmin(quad, torch.zeros(3, dtype=DT), A, b, solver=lambda fun, y0: y0 * float("inf"))
+    # finite score, NaN gradient at y* (√|y| at 0): an error naming non-differentiability, not a warning
+    with pytest.raises(ValueError, match="gradient is NaN at the solution"):
+        argmin(lambda y: torch.sqrt(y.abs()).sum(), torch.zeros(3, dtype=DT))
 
 
 def test_float32_works_and_no_warning():
