@@ -362,8 +362,8 @@ def argmin(
         # ∇f and ∇²f at y*, so a silent NaN (or a warning) would only move the failure into backward.
         raise ValueError(
             f"argmin: the objective's gradient is NaN at the solution y* for {_failing(nan_grad, residual)}; "
-            "f is not differentiable there (e.g. sqrt, abs or norm at 0). Smooth the objective (sqrt(y² + ε)) "
-            "or start the solver elsewhere."
+            "f is not differentiable there (e.g. sqrt, abs or norm at 0). Smooth the objective "
+            "(sqrt(y² + ε)) or start the solver elsewhere."
         )
     converged = _forward_check("argmin", residual, yr.detach(), tol_v, 10.0, strict)
     info = ImplicitInfo(residual, iters, converged, tol_v)
