@@ -117,11 +117,11 @@ def make_policy(spec: str) -> Any:
     from .evaluation import expert_policy, mpc_policy
 
     kind, _, path = spec.partition(":")
-    if kind == "expert" and not path:
+    if kind == "expert" and path in ("", "rs"):
         return expert_policy()
-    if kind == "expert" and path in ("rs", "cem"):
-        # ``expert:cem``: CEM 200 × 4 on the true model — the budget of MPC_IFT's test-time planner.
-        return expert_policy(planner=path, n_samples=1000 if path == "rs" else 200)
+    if kind == "expert" and path == "cem":
+        # CEM 200 × 4 on the true model: the sampling budget of MPC_IFT's test-time planner.
+        return expert_policy(planner="cem", n_samples=200)
     if kind in ("ifo", "mpc_ift") and path:
         from .ifo import load_ifo_models
 

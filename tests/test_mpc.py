@@ -342,18 +342,11 @@ def test_mpc_cartpole_example_runs_a_gymnasium_episode_and_writes_a_video(tmp_pa
     """The README's example: MPCPolicy in a plain Gymnasium loop, stationary plans, mp4 + gif written."""
     import json
     import runpy
-    import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "mpc_cartpole.py"
-    argv = sys.argv
-    sys.argv = [str(script), "--steps", "2", "--samples", "32", "--horizon", "4", "--out", str(tmp_path)]
-    try:
-        with pytest.raises(SystemExit) as done:
-            runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert done.value.code == 0
+    main = runpy.run_path(str(script))["main"]
+    assert main(["--steps", "2", "--samples", "32", "--horizon", "4", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["steps"] == 2 and len(res["stationarity_residual"]) == 2
     assert max(res["stationarity_residual"]) <= 1e-6
