@@ -176,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"panel": "b", "method": LABELS[m], "mu": mu, "bwd_median_ms": stiff[m][-1] * 1e3})
         print(f"mu={mu:g}: " + ", ".join(f"{m} {stiff[m][-1] * 1e3:.0f} ms" for m in METHODS), flush=True)
         _write(args, inits, mus, rows, times, stiff, t_start)
-    _write(args, inits, mus, rows, times, stiff, t_start)
     for r in rows:
         if r["panel"] == "a":
             print(f"{r['method']:32s} fwd {r['fwd_median_ms']:8.1f} ms  bwd {r['bwd_median_ms']:8.1f} ms  "
