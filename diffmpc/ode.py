@@ -566,7 +566,7 @@ def odeint(
         raise ValueError(f"unknown backward {backward!r}; choose one of {BACKWARDS}")
     opts = dict(options or {})
     if method not in IMPLICIT_METHODS:
-        return _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info)
+        return _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info, params)
     unknown = set(opts) - set(_OPTION_KEYS)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)} for backward Euler; known: {_OPTION_KEYS}")
@@ -596,7 +596,7 @@ def odeint(
     return (ys, info) if return_info else ys
 
 
-def _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info):
+def _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info, params=None):
     if return_info:
         raise ValueError("return_info=True is only available for method='backward_euler'")
     if method == "euler" and backward == "unroll":
@@ -610,9 +610,11 @@ def _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info):
     except ModuleNotFoundError as err:  # pragma: no cover - torchdiffeq is a dev dependency
         raise ModuleNotFoundError(f"method={method!r} needs torchdiffeq (pip install torchdiffeq)") from err
     if backward == "adjoint":
-        if not isinstance(func, nn.Module):
+        if not isinstance(func, nn.Module) and not params:
             raise TypeError("torchdiffeq's adjoint needs func to be an nn.Module (its parameters get "
-                            "gradients)")
+                            "gradients) or the tensors func closes over passed as params=[...]")
+        # The adjoint integrates the parameter gradients itself: it must be told about every tensor that
+        # should receive one (module parameters + params=); anything else silently gets no gradient.
         return torchdiffeq.odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                          options=opts or None)
+                                          options=opts or None, adjoint_params=tuple(_params(func, params)))
     return torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=opts or None)
