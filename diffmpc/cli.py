@@ -18,11 +18,11 @@ from typing import Any
 
 # Modules that contribute subcommands (import path, in help order).
 COMMAND_MODULES = (
-    "diffmpc.experiments.kepler",  # kepler
-    "agents.lqr_imitation",  # lqr-imitation (uses envs' mass-spring-damper)
-    "diffmpc.experiments.table1",  # table1 (neural ODE)
-    "agents.cli",  # expert, dataset, mpc-rollout
-    "agents.ifo_cli",  # train, evaluate, render, table2, demo
+    "experiments.kepler",  # kepler
+    "experiments.lqr_imitation",  # lqr-imitation (uses envs' mass-spring-damper)
+    "experiments.table1",  # table1 (neural ODE)
+    "experiments.expert_data",  # expert, dataset, mpc-rollout
+    "experiments.table2",  # train, evaluate, render, table2, demo
 )
 
 

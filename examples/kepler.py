@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import diffmpc
-from diffmpc.experiments.kepler import KeplerConfig, closed_form_dE_de, kepler_residual, run
+from experiments.kepler import KeplerConfig, closed_form_dE_de, kepler_residual, run
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="runs/kepler")

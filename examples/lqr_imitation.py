@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from agents.lqr_imitation import DAMPINGS, MODES, ImitationConfig, run
+from experiments.lqr_imitation import DAMPINGS, MODES, ImitationConfig, run
 
 
 def main() -> None:

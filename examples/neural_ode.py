@@ -15,8 +15,8 @@ import argparse
 import torch
 
 from diffmpc import odeint
-from diffmpc.experiments.ode_data import spiral
-from diffmpc.experiments.table1 import ODEFunc
+from experiments.ode_data import spiral
+from experiments.table1 import ODEFunc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,10 @@ from agents.bc import BC_PRESETS, BCTrainer
 from agents.dataset import load_dataset
 from agents.evaluation import evaluate_policy, expert_policy, mpc_policy, rollout, start_states
 from agents.ifo import IFO_PRESETS, IfOConfig, IfOTrainer, load_ifo_models
-from agents.ifo_cli import aggregate_runs, make_policy, table2_markdown
 from agents.training import CheckpointError, load_checkpoint, save_checkpoint
 from diffmpc.cli import main as cli_main
 from diffmpc.nn import AngleFeatures, MLPDynamics, TargetStateCost
+from experiments.table2 import aggregate_runs, make_policy, table2_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = IFO_PRESETS["tiny"]

@@ -1,12 +1,13 @@
 """Smoke test of the Kepler example (paper Fig. 1) with a tiny budget."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from diffmpc.cli import main
-from diffmpc.experiments.kepler import KeplerConfig, run
+from experiments.kepler import KeplerConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,5 +27,6 @@ def test_kepler_cli_writes_results(tmp_path):
 
 def test_kepler_example_script_runs(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "kepler.py"), "--out", str(tmp_path),
-                          "--steps", "3", "--grid", "6"], capture_output=True, text=True, check=True)
+                          "--steps", "3", "--grid", "6"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout, not the installed one
     assert "dE/de: layer" in out.stdout

@@ -247,7 +247,7 @@ def test_error_names_batch_entry():
 # ------------------------------------------------------------------------------------------- experiment
 @pytest.mark.parametrize("c", [1.0, 0.1, -0.6])
 def test_mass_spring_damper_is_stabilizable_and_solvable(c):
-    from agents.lqr_imitation import system_report
+    from experiments.lqr_imitation import system_report
 
     rep = system_report(c)
     assert rep["stabilizable"] and rep["dare_solvable"] and rep["controllability_rank"] == 2
@@ -256,7 +256,7 @@ def test_mass_spring_damper_is_stabilizable_and_solvable(c):
 
 
 def test_imitation_learning_improves_and_modes_agree(tmp_path):
-    from agents.lqr_imitation import ImitationConfig, run
+    from experiments.lqr_imitation import ImitationConfig, run
 
     cfg = ImitationConfig(dampings=(1.0,), modes=("lyapunov", "dense"), iterations=30, inits=2, eval_every=10,
                           lr=5e-2)

@@ -329,7 +329,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_generated_series_follow_the_footnotes():
     from scipy.integrate import solve_ivp
 
-    from diffmpc.experiments.ode_data import SPIRAL_A, make_task
+    from experiments.ode_data import SPIRAL_A, make_task
 
     vdp = make_task("vdp")
     assert vdp.x.shape == (320, 2) and (vdp.n_train, vdp.n_val, vdp.n_test) == (107, 106, 107)
@@ -357,7 +357,7 @@ def _fake_mat(path, n=(3, 2, 2), frames=12, feat=5, drop=None):
 
 
 def test_cmu_loader_checks_sha_keys_and_presence(tmp_path):
-    from diffmpc.experiments.ode_data import load_cmu
+    from experiments.ode_data import load_cmu
 
     path = _fake_mat(tmp_path / "fake.mat")
     data = load_cmu(path, sha256=None)
@@ -371,7 +371,7 @@ def test_cmu_loader_checks_sha_keys_and_presence(tmp_path):
 
 
 def test_real_cmu_file_if_present():
-    from diffmpc.experiments.ode_data import CMU_DEFAULT_PATH, load_cmu
+    from experiments.ode_data import CMU_DEFAULT_PATH, load_cmu
 
     if not CMU_DEFAULT_PATH.is_file():
         pytest.skip(f"CMU walking data not available at {CMU_DEFAULT_PATH}")
@@ -382,8 +382,8 @@ def test_real_cmu_file_if_present():
 def test_training_checkpoint_resumes(tmp_path):
     from dataclasses import replace
 
-    from diffmpc.experiments.ode_data import make_task
-    from diffmpc.experiments.table1 import PRESETS, train_series
+    from experiments.ode_data import make_task
+    from experiments.table1 import PRESETS, train_series
 
     p = replace(PRESETS["quick"], iters=2, batch=4, window=3, ckpt_every=1, eval_every=1)
     ck = tmp_path / "run.ckpt"
@@ -397,7 +397,7 @@ def test_training_checkpoint_resumes(tmp_path):
 def test_cmu_model_trains_on_synthetic_data():
     from dataclasses import replace
 
-    from diffmpc.experiments.table1 import CMU_PRESETS, train_cmu
+    from experiments.table1 import CMU_PRESETS, train_cmu
 
     rng = torch.Generator().manual_seed(1)
     data = {k: torch.randn(m, 12, 5, generator=rng, dtype=D64).numpy()

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .expert import PLANNERS, ExpertConfig
+from agents.expert import PLANNERS, ExpertConfig
 
 
 def _expert_args(p: argparse.ArgumentParser) -> None:
@@ -35,9 +35,8 @@ def config_from_args(args: Any) -> ExpertConfig:
 
 
 def run_expert(args: Any) -> int:
+    from agents.expert import SamplingExpert, evaluate_expert
     from diffmpc.cli import write_results
-
-    from .expert import SamplingExpert, evaluate_expert
 
     config = config_from_args(args)
     t0 = time.perf_counter()
@@ -52,9 +51,8 @@ def run_expert(args: Any) -> int:
 
 
 def run_dataset(args: Any) -> int:
+    from agents.dataset import generate_dataset
     from diffmpc.cli import write_results
-
-    from .dataset import generate_dataset
 
     config = config_from_args(args)
     out = Path(args.out)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .. import root
+from diffmpc import root
 
 
 def kepler_residual(E: torch.Tensor, e: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from ..cli import write_results
+    from diffmpc.cli import write_results
 
     cfg = KeplerConfig(
         true_e=args.true_e, init_e=args.init_e, steps=args.steps, grid=args.grid, seed=args.seed

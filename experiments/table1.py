@@ -45,8 +45,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..implicit import ConvergenceError, ConvergenceWarning
-from ..ode import odeint
+from diffmpc.implicit import ConvergenceError, ConvergenceWarning
+from diffmpc.ode import odeint
+
 from .ode_data import CMU_DEFAULT_PATH, Series, load_cmu, make_task
 
 __all__ = ["METHODS", "PAPER", "Preset", "PRESETS", "ODEFunc", "train_series", "train_cmu", "register", "run"]
@@ -269,7 +270,7 @@ def run(task: str, runs: int, out: Path, seed: int = 0, preset: str = "quick", m
     """Run (or resume) Table 1 for one task; write ``results.json`` and ``table1_<task>.md`` under ``out``."""
     from tqdm import tqdm
 
-    from ..cli import write_results
+    from diffmpc.cli import write_results
 
     torch.set_num_threads(1)
     methods = list(methods or METHODS)

@@ -31,7 +31,7 @@ POLICY_NAMES = {"expert": "Expert (RS, true model)", "bc": "BC", "mpc_ift": "MPC
 
 # ---------------------------------------------------------------------------------------------- pieces
 def _pairs(dataset: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    from .dataset import load_dataset
+    from agents.dataset import load_dataset
 
     data = load_dataset(dataset)
     x, xn = data.transitions()
@@ -39,7 +39,7 @@ def _pairs(dataset: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]
 
 
 def _variances(which: str) -> dict[str, float]:
-    from .evaluation import START_VARIANCES
+    from agents.evaluation import START_VARIANCES
 
     if which == "both":
         return dict(START_VARIANCES)
@@ -57,9 +57,8 @@ def train_ifo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Alg. 2 on the dataset's expert pairs; checkpoint and ``results.json`` under ``out``."""
+    from agents.ifo import IFO_PRESETS, IfOTrainer
     from diffmpc.cli import write_results
-
-    from .ifo import IFO_PRESETS, IfOTrainer
 
     x, xn, meta = _pairs(dataset)
     trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out))
@@ -85,10 +84,9 @@ def train_bc(
     progress: bool = True,
 ) -> dict[str, Any]:
     """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``."""
+    from agents.bc import BC_PRESETS, BCTrainer
+    from agents.ifo import load_ifo_models
     from diffmpc.cli import write_results
-
-    from .bc import BC_PRESETS, BCTrainer
-    from .ifo import load_ifo_models
 
     x, xn, meta = _pairs(dataset)
     dyn, _, _ = load_ifo_models(_checkpoint(dynamics, "ifo_checkpoint.pt"))
@@ -114,7 +112,7 @@ def _checkpoint(path: str | Path, name: str) -> Path:
 
 def make_policy(spec: str) -> Any:
     """``expert``, ``ifo:PATH`` (MPC_IFT from an IfO checkpoint/dir) or ``bc:PATH`` -> a batched policy."""
-    from .evaluation import expert_policy, mpc_policy
+    from agents.evaluation import expert_policy, mpc_policy
 
     kind, _, path = spec.partition(":")
     if kind == "expert" and path in ("", "rs"):
@@ -123,12 +121,12 @@ def make_policy(spec: str) -> Any:
         # CEM 200 × 4 on the true model: the sampling budget of MPC_IFT's test-time planner.
         return expert_policy(planner="cem", n_samples=200)
     if kind in ("ifo", "mpc_ift") and path:
-        from .ifo import load_ifo_models
+        from agents.ifo import load_ifo_models
 
         dyn, cost, cfg = load_ifo_models(_checkpoint(path, "ifo_checkpoint.pt"))
         return mpc_policy(dyn, cost, cfg)
     if kind == "bc" and path:
-        from .bc import load_bc_policy
+        from agents.bc import load_bc_policy
 
         return load_bc_policy(_checkpoint(path, "bc_checkpoint.pt")).requires_grad_(False)
     raise ValueError(f"unknown policy {spec!r}; use expert, expert:cem, ifo:PATH or bc:PATH")
@@ -140,7 +138,7 @@ def evaluate_policies(
     """``{policy: {variance_name: evaluate_policy(...)}}`` over the fixed 50 starts."""
     from tqdm import tqdm
 
-    from .evaluation import evaluate_policy
+    from agents.evaluation import evaluate_policy
 
     out: dict[str, dict[str, Any]] = {}
     jobs = [(n, v) for n in policies for v in variances]
@@ -263,7 +261,7 @@ def render_run(
 ) -> list[Path]:
     """Fig. 3: one start (the ``index``-th test start) rolled out by expert, BC and MPC_IFT of a run;
     writes ``fig3.mp4``, ``fig3.gif`` and ``trajectories.png`` under ``out``."""
-    from .evaluation import plot_trajectories, render_comparison, rollout, start_states
+    from agents.evaluation import plot_trajectories, render_comparison, rollout, start_states
 
     run_dir, out = Path(run_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +300,7 @@ def run_pipeline(
     out = Path(out)
     t0 = time.perf_counter()
     if dataset is None:
-        from .dataset import generate_dataset
+        from agents.dataset import generate_dataset
 
         dataset = out / "dataset" / "expert_cartpole.npz"
         if not dataset.is_file():
@@ -397,7 +395,7 @@ def _cmd_evaluate(args: Any) -> int:
 
 
 def _cmd_render(args: Any) -> int:
-    from .evaluation import START_VARIANCES
+    from agents.evaluation import START_VARIANCES
 
     paths = render_run(args.run, args.out, START_VARIANCES[args.variance], args.index, args.seed)
     print("wrote", ", ".join(str(p) for p in paths))

@@ -1,1 +1,0 @@
-"""Paper experiments, one module each, run by the ``diffmpc`` command and the scripts in examples/."""
