@@ -38,8 +38,8 @@ from torch import nn
 
 from benchmarks.common import RESULTS, write_table
 from diffmpc import ConvergenceWarning, odeint
+from diffmpc.nn import ODEFunc
 from experiments.ode_data import van_der_pol
-from experiments.table1 import ODEFunc
 
 METHODS = ("dopri5_adjoint", "beuler_adjoint", "beuler_ift_dense", "beuler_ift_cg", "beuler_ift_cg_layers",
            "beuler_ift_cg_warm", "beuler_unroll")

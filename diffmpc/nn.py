@@ -9,6 +9,7 @@ All modules are batched over a leading dimension and dtype/device agnostic (they
 * :class:`TargetStateCost` — state-only ``Σ_i w_i (φ_i(x) − φ̄_i)²`` with a learnable target φ̄ (and weights).
 * :class:`SaturatingCost` — PILCO's ``1 − exp(−½ (φ(x) − φ̄)ᵀ W (φ(x) − φ̄))`` with a learnable target φ̄
   on optional features φ (e.g. the cart-pole's pole-tip position).
+* :class:`ODEFunc` — the neural vector field ``h(x; θ)`` of the neural-ODE experiments (Table 1).
 
 Costs that take only ``x`` are evaluated by :class:`diffmpc.MPC` at the *next* state of each step.
 """
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["AngleFeatures", "MLPDynamics", "QuadraticCost", "TargetStateCost", "SaturatingCost"]
+__all__ = ["AngleFeatures", "MLPDynamics", "QuadraticCost", "TargetStateCost", "SaturatingCost", "ODEFunc"]
 
 
 def _check_last(x: Tensor, n: int, what: str) -> None:
@@ -271,3 +272,15 @@ class SaturatingCost(nn.Module):
         _check_last(phi, self.target.shape[0], "features φ(x)")
         d = (phi - self.target) / self.width
         return 1.0 - torch.exp(-0.5 * (d * d).sum(-1))
+
+
+class ODEFunc(nn.Module):
+    """The neural vector field ``h(x; θ)``: MLP ``D → hidden → hidden → D`` with tanh, autonomous."""
+
+    def __init__(self, dim: int, hidden: int = 30):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, t: Tensor | float, y: Tensor) -> Tensor:
+        return self.net(y)

@@ -15,8 +15,8 @@ import argparse
 import torch
 
 from diffmpc import odeint
+from diffmpc.nn import ODEFunc
 from experiments.ode_data import spiral
-from experiments.table1 import ODEFunc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from diffmpc.implicit import ConvergenceError, ConvergenceWarning
+from diffmpc.nn import ODEFunc
 from diffmpc.ode import odeint
 
 from .ode_data import CMU_DEFAULT_PATH, Series, load_cmu, make_task
@@ -86,18 +87,6 @@ CMU_PRESETS = {
     "quick": Preset(iters=150, window=15, batch=16, lr=5e-3, lr_final=5e-4, eval_every=50, latent=8),
     "paper": Preset(iters=1000, window=30, batch=16, lr=5e-3, lr_final=2e-4, eval_every=100, latent=8),
 }
-
-
-class ODEFunc(nn.Module):
-    """The neural vector field ``h(x; θ)``: MLP ``D → hidden → hidden → D`` with tanh, autonomous."""
-
-    def __init__(self, dim: int, hidden: int = 30):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, dim))
-
-    def forward(self, t: Any, y: Tensor) -> Tensor:
-        return self.net(y)
 
 
 def integrate(func: nn.Module, method_name: str, y0: Tensor, t: Tensor) -> Tensor:
