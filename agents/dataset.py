@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from diffmpc.errors import BadFileError
+
 from .expert import ExpertConfig, SamplingExpert, make_env, run_episode
 
 __all__ = ["ExpertDataset", "DatasetError", "generate_dataset", "load_dataset", "save_dataset",
@@ -38,7 +40,7 @@ FORMAT = "diffmpc.expert_dataset"
 VERSION = 1
 
 
-class DatasetError(ValueError):
+class DatasetError(BadFileError):
     """A dataset file is missing, corrupt, of another format/version, or does not match what was expected."""
 
 

@@ -8,13 +8,12 @@ lazily so that ``diffmpc --help`` stays fast and an optional job never breaks th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import json
-import os
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any
+
+from .errors import BadArgumentError, DiffmpcError
+from .io import Terminated, run_lock, sigterm_as_interrupt, write_results  # noqa: F401 - re-exported
 
 # Modules that contribute subcommands (import path, in help order).
 COMMAND_MODULES = (
@@ -24,27 +23,6 @@ COMMAND_MODULES = (
     "experiments.expert_data",  # expert, dataset, mpc-rollout
     "experiments.table2",  # train, evaluate, render, table2, demo
 )
-
-
-def write_results(out: str | os.PathLike, results: dict[str, Any], name: str = "results.json") -> Path:
-    """Write ``results`` as JSON under ``out`` atomically (temp file + rename): never a half-written file."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(results, fh, indent=2, default=_jsonable)
-        fh.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    out = getattr(args, "out", None)
     try:
-        return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted: checkpoints and partial results are kept under --out", file=sys.stderr)
-        return 130
+        # SIGTERM (timeout, schedulers) is handled like Ctrl-C; one writer per --out at a time.
+        with sigterm_as_interrupt(), (run_lock(out) if out else contextlib.nullcontext()):
+            return int(args.handler(args) or 0)
+    except KeyboardInterrupt as err:
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"{what}: checkpoints and partial results are kept under --out", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)
+    except BadArgumentError as err:
+        print(f"diffmpc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except DiffmpcError as err:
+        print(f"diffmpc {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
+from .errors import ConvergenceError, ConvergenceWarning
 from .linalg import SolveInfo, _norm
 from .solvers import default_tol, jacobian_products, make_minimizer, make_root_solver
 
@@ -57,12 +58,6 @@ ARGMIN_BACKWARDS = ("cg", "minres", "dense", "unroll")
 ROOT_BACKWARDS = ("normal_cg", "gmres", "dense", "unroll")
 
 
-class ConvergenceWarning(UserWarning):
-    """A forward solve did not reach a stationary point, or a backward linear solve did not converge."""
-
-
-class ConvergenceError(RuntimeError):
-    """Raised instead of :class:`ConvergenceWarning` under ``strict=True``."""
 
 
 @dataclass

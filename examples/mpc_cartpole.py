@@ -22,7 +22,7 @@ import torch
 
 import envs
 from agents import MPCPolicy
-from diffmpc.cli import write_results
+from diffmpc.io import write_results
 from envs.video import write_video
 
 

@@ -36,7 +36,7 @@ def config_from_args(args: Any) -> ExpertConfig:
 
 def run_expert(args: Any) -> int:
     from agents.expert import SamplingExpert, evaluate_expert
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     config = config_from_args(args)
     t0 = time.perf_counter()
@@ -52,7 +52,7 @@ def run_expert(args: Any) -> int:
 
 def run_dataset(args: Any) -> int:
     from agents.dataset import generate_dataset
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     config = config_from_args(args)
     out = Path(args.out)

@@ -141,7 +141,7 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     cfg = KeplerConfig(
         true_e=args.true_e, init_e=args.init_e, steps=args.steps, grid=args.grid, seed=args.seed

@@ -175,7 +175,7 @@ def system_report(damping: float) -> dict[str, Any]:
 
 def run(cfg: ImitationConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """All (damping, mode) runs, atomically checkpointed per run in ``out/results.json`` (resumed)."""
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     out = Path(out)
     path = out / "results.json"

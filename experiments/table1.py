@@ -259,7 +259,7 @@ def run(task: str, runs: int, out: Path, seed: int = 0, preset: str = "quick", m
     """Run (or resume) Table 1 for one task; write ``results.json`` and ``table1_<task>.md`` under ``out``."""
     from tqdm import tqdm
 
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     torch.set_num_threads(1)
     methods = list(methods or METHODS)

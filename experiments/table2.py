@@ -58,7 +58,7 @@ def train_ifo(
 ) -> dict[str, Any]:
     """Alg. 2 on the dataset's expert pairs; checkpoint and ``results.json`` under ``out``."""
     from agents.ifo import IFO_PRESETS, IfOTrainer
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     x, xn, meta = _pairs(dataset)
     trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out))
@@ -86,7 +86,7 @@ def train_bc(
     """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``."""
     from agents.bc import BC_PRESETS, BCTrainer
     from agents.ifo import load_ifo_models
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     x, xn, meta = _pairs(dataset)
     dyn, _, _ = load_ifo_models(_checkpoint(dynamics, "ifo_checkpoint.pt"))
@@ -160,7 +160,7 @@ def run_one(
     ``out/run_<seed>/results.json``."""
     import torch
 
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     if threads:
         torch.set_num_threads(threads)
@@ -295,7 +295,7 @@ def run_pipeline(
     command: str = "diffmpc table2",
 ) -> dict[str, Any]:
     """The whole Table 2 / Fig. 3 pipeline (see the module docstring); returns the aggregated results."""
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -380,7 +380,7 @@ def _cmd_train(args: Any) -> int:
 
 
 def _cmd_evaluate(args: Any) -> int:
-    from diffmpc.cli import write_results
+    from diffmpc.io import write_results
 
     policies = {spec: make_policy(spec) for spec in args.policy}
     res = evaluate_policies(
