@@ -389,8 +389,9 @@ def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapuno
         ``(..., n, n)`` symmetric S, same dtype and device as the inputs.
 
     Raises:
-        LQRError (a ValueError) and its subclasses on bad shapes, NaN/inf, a non-positive-definite R, an
-        unstabilizable (A, B) or a DARE without stabilising solution; TypeError on non-float tensors.
+        LQRError: (a ValueError) and its subclasses on bad shapes, NaN/inf, a non-positive-definite R, an
+            unstabilizable (A, B) or a DARE without stabilising solution.
+        TypeError: on non-float tensors.
     """
     A_, B_, Q_, R_, batch, opts = _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter,
                                                   forward)

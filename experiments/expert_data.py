@@ -28,6 +28,7 @@ def _expert_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: Any) -> ExpertConfig:
+    """The :class:`agents.expert.ExpertConfig` of the parsed ``expert`` / ``dataset`` arguments."""
     samples = args.samples if args.samples is not None else (1000 if args.planner == "rs" else 500)
     return ExpertConfig(planner=args.planner, horizon=args.horizon, n_samples=samples,
                         n_elites=min(args.elites, samples), cem_iterations=args.iterations,
@@ -35,6 +36,7 @@ def config_from_args(args: Any) -> ExpertConfig:
 
 
 def run_expert(args: Any) -> int:
+    """``diffmpc expert``: evaluate the sampling expert over ``--episodes`` starts; results in ``--out``."""
     from agents.expert import SamplingExpert, evaluate_expert
     from diffmpc.io import write_results
 
@@ -51,6 +53,7 @@ def run_expert(args: Any) -> int:
 
 
 def run_dataset(args: Any) -> int:
+    """``diffmpc dataset``: roll expert trajectories into a (resumable) dataset file under ``--out``."""
     from agents.dataset import generate_dataset
     from diffmpc.io import write_results
 
@@ -74,6 +77,7 @@ def run_dataset(args: Any) -> int:
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``expert`` and ``dataset`` subcommands."""
     p = subparsers.add_parser("expert", help="evaluate the cart-pole sampling-MPC expert",
                               description="Evaluate the random-shooting (paper) or CEM expert.")
     _expert_args(p)

@@ -40,11 +40,14 @@ def eccentric_anomaly(e: torch.Tensor, M: torch.Tensor, backward: str = "normal_
 
 
 def closed_form_dE_de(E: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``dE/de = sin E / (1 − e cos E)``, from differentiating ``E − e sin E = M`` at fixed M."""
     return torch.sin(E) / (1 - e * torch.cos(E))
 
 
 @dataclass(frozen=True)
 class KeplerConfig:
+    """The Kepler job: true and initial eccentricity, anomalies, Adam steps, plot grid, seed."""
+
     true_e: float = 0.6
     init_e: float = 0.1
     n_anomalies: int = 16
@@ -128,6 +131,7 @@ def _plot(ee, MM, EE, dE_de, dE_dM, history, cfg: KeplerConfig, path: Path) -> P
 
 
 def register(subparsers) -> None:
+    """Add the ``kepler`` subcommand."""
     p = subparsers.add_parser("kepler", help="Kepler's equation: learn e through a root layer (paper Fig. 1)")
     p.add_argument("--out", default="runs/kepler")
     p.add_argument("--seed", type=int, default=0)

@@ -271,6 +271,7 @@ def plot(results: dict, cfg: ImitationConfig, path: Path) -> Path:
 
 
 def register(subparsers) -> None:
+    """Add the ``lqr-imitation`` subcommand."""
     p = subparsers.add_parser("lqr-imitation", help="imitation learning through a differentiable DARE "
                               "(paper Appx. C, Fig. 4)")
     p.add_argument("--out", default="runs/lqr-imitation")

@@ -67,6 +67,8 @@ PAPER_RUNS = {"vdp": 20, "spiral": 20, "cmu": 10}
 
 @dataclass(frozen=True)
 class Preset:
+    """Training budget and optimiser settings of one Table 1 run (see ``PRESETS`` / ``CMU_PRESETS``)."""
+
     iters: int
     window: int
     batch: int
@@ -351,6 +353,7 @@ def _handler(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    """Add the ``table1`` subcommand."""
     p = subparsers.add_parser("table1", help="neural-ODE Table 1 (VdP, spiral, CMU walking)",
                               description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=("vdp", "spiral", "cmu"), required=True)

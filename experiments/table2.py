@@ -430,6 +430,7 @@ def _cmd_demo(args: Any) -> int:
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``train``, ``evaluate``, ``render``, ``table2`` and ``demo`` subcommands."""
     t = subparsers.add_parser(
         "train",
         help="train an imitation-from-observation agent (ifo) or BC (bc)",

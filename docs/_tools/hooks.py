@@ -1,0 +1,235 @@
+"""mkdocs hooks of the diffmpc site (``hooks:`` in mkdocs.yml).
+
+* Result tables are generated, not pasted: a page writes ``{{ results_table("NAME") }}`` (alone on a line)
+  and the hook replaces it by the markdown table rendered from the committed results JSON (``RENDERERS``
+  below), followed by the file it came from. An unknown name or a missing file fails the build.
+* Public API without a docstring fails the strict build: after the config is loaded, every public function
+  and class of the documented packages (their ``__all__`` if they define one) is checked with griffe.
+
+Run by ``make docs``; the renderers are also imported by ``tests/test_docs.py`` (no mkdocs needed there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "docs" / "figures"
+# A placeholder stands alone on its line (so that prose can quote the syntax inside backticks).
+PLACEHOLDER = re.compile(r"^\{\{\s*results_table\(\s*[\"']([\w:.-]+)[\"']\s*\)\s*\}\}[ \t]*$", re.M)
+DOCUMENTED_PACKAGES = ("diffmpc", "envs", "agents", "experiments")
+
+log = logging.getLogger("mkdocs.hooks.diffmpc")
+
+
+class ResultsError(Exception):
+    """A placeholder names no renderer, or its results file is missing or malformed."""
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ResultsError(f"results file {path.relative_to(ROOT)} is missing (regenerate it by its command)")
+    return json.loads(path.read_text())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.3g}"
+    return str(v)
+
+
+def _source(path: Path, command: Any = None) -> str:
+    line = f"Generated from `{path.relative_to(ROOT)}`"
+    if command:
+        cmds = command if isinstance(command, list) else [command]
+        line += " — command: " + "; ".join(f"`{c}`" for c in cmds)
+    return line + "\n"
+
+
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table with one column per key (in first-seen order) and one row per dict."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    def cell(v: Any) -> str:
+        return _fmt(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def bench(name: str) -> str:
+    """``bench:NAME``: the rows of ``benchmarks/results/NAME.json`` (written by ``benchmarks/NAME.py``)."""
+    path = RESULTS / f"{name}.json"
+    data = _load(path)
+    if "rows" not in data:
+        raise ResultsError(f"{path.name} has no 'rows'")
+    return rows_table(data["rows"]) + "\n" + _source(path, data.get("meta", {}).get("command"))
+
+
+TABLE1_LABELS = {
+    "dopri5_adjoint": "DOPRI5 adj. (torchdiffeq)",
+    "euler_adjoint": "Fwd Euler adj. (torchdiffeq)",
+    "beuler_adjoint": "Bwd Euler adj. (ours)",
+    "beuler_ift_dense": "Bwd Euler IFT naive",
+    "beuler_ift_cg": "**Bwd Euler IFT CG**",
+}
+
+
+def table1() -> str:
+    """Table 1: test MSE (mean ± s.e.) per method and task from ``benchmarks/results/table1_<task>.json``."""
+    tasks = {"vdp": "VdP", "spiral": "Spiral", "cmu": "CMU"}
+    data = {t: _load(RESULTS / f"table1_{t}.json") for t in tasks}
+    head = [f"{label} ({data[t]['runs']} runs, {data[t]['config']['iters']} it.)"
+            for t, label in tasks.items()]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(tasks) + 1) + "|"]
+    methods = [m for m in TABLE1_LABELS if any(m in d["table"] for d in data.values())]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            s = data[t]["table"].get(m)
+            cells.append("–" if s is None else f"{s['mean']:.3g} ± {_fmt(s['se'])}" if s["n"] > 1
+                         else f"{s['mean']:.3g}")
+        lines.append(f"| {TABLE1_LABELS[m]} | " + " | ".join(cells) + " |")
+    paper = [data[t]["paper_ift_cg"] for t in tasks]
+    lines.append("| paper: Bwd Euler IFT CG (" + " / ".join(str(p["runs"]) for p in paper) + " runs) | "
+                 + " | ".join(f"{p['mean']} ± {p['se']}" for p in paper) + " |")
+    failed = {t: sum(s["failed"] for s in data[t]["table"].values()) for t in tasks}
+    foot = ", ".join(f"{tasks[t]} {n}" for t, n in failed.items())
+    return ("\n".join(lines) + f"\n\nFailed runs: {foot}.\n\n"
+            + "\n".join(_source(RESULTS / f"table1_{t}.json") for t in tasks))
+
+
+def table1_iters1500() -> str:
+    """VdP with 1500 iterations: test MSE per seed, mean ± s.e. and median per method."""
+    path = RESULTS / "table1_vdp_iters1500.json"
+    data = _load(path)
+    lines = ["| method | runs | mean ± s.e. | median | per seed |", "|---|---|---|---|---|"]
+    for m, s in data["per_method"].items():
+        seeds = ", ".join(f"{v:.3g}" for v in s["per_seed"].values())
+        lines.append(f"| {TABLE1_LABELS.get(m, m)} | {s['runs']} | {s['mean']:.3g} ± {s['stderr']:.2g} | "
+                     f"{s['median']:.3g} | {seeds} |")
+    return "\n".join(lines) + "\n\n" + _source(path, data.get("command"))
+
+
+def table2() -> str:
+    """Table 2: average episode cost per policy and start variance (``docs/figures/table2_results.json``)."""
+    from experiments.table2 import table2_markdown
+
+    path = FIGURES / "table2_results.json"
+    data = _load(path)
+    md = table2_markdown(data["table"], data["runs"], data["command"], data["wall_time_min"])
+    return md + "\n" + _source(path)
+
+
+def lqr_imitation() -> str:
+    """Appx. C: final imitation / model loss (mean ± std over inits), backward time per damping and mode."""
+    path = FIGURES / "lqr_imitation_summary.json"
+    data = _load(path)
+    cfg, runs = data["config"], data["runs"]
+    modes = cfg["modes"]
+    lines = ["| c | imitation loss (final) | model loss ‖A − Â‖_F | backward ms/iter: "
+             + " / ".join(modes) + " | failed steps |", "|---|---|---|---|---|"]
+    for c in cfg["dampings"]:
+        key = f"c={c:g}"
+        ref = runs[f"{key}/{modes[-1]}"]
+        ms = " / ".join(f"{1e3 * runs[f'{key}/{m}']['backward_s'] / cfg['iterations']:.1f}" for m in modes)
+        failed = sum(runs[f"{key}/{m}"]["failed_steps"] for m in modes)
+        imitation = f"{ref['final_imitation_loss_mean']:.2g} ± {ref['final_imitation_loss_std']:.2g}"
+        model = f"{ref['final_model_loss_mean']:.2g} ± {ref['final_model_loss_std']:.2g}"
+        lines.append(f"| {c:g} | {imitation} | {model} | {ms} | {failed} |")
+    worst = max(data["mode_agreement"].values())
+    return ("\n".join(lines) + f"\n\nLosses of the `{modes[-1]}` mode ({cfg['inits']} inits, "
+            f"{cfg['iterations']} iterations); the other modes' final Â differ from it by at most "
+            f"{worst:.2g}.\n\n"
+            + _source(path, data.get("command")))
+
+
+def fig2_full() -> str:
+    """Fig. 2 with the paper's 100 initialisations, parsed from the stopped full run's log."""
+    path = RESULTS / "ode_backward_full_partial.json"
+    data = _load(path)
+    rows = [{"method": r["method"], "bwd median ms": r["bwd_median_ms"], "DOPRI5-adj bwd / this": r["ratio"],
+             "per-init median": r["per_init_median_ratio"], "inits": r["n"]} for r in data["panel_a"]]
+    mus = list(data["panel_b_ms"])
+    stiff = [{"method": m, **{f"μ = {mu} (ms)": data["panel_b_ms"][mu].get(m, float("nan")) for mu in mus}}
+             for m in data["panel_b_ms"][mus[0]]]
+    return (rows_table(rows) + "\nBackward time vs stiffness:\n\n" + rows_table(stiff) + "\n"
+            + f"Status: {data.get('status', '')}\n\n" + _source(path))
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "table1": table1,
+    "table1_iters1500": table1_iters1500,
+    "table2": table2,
+    "lqr_imitation": lqr_imitation,
+    "fig2_full": fig2_full,
+}
+
+
+def render(name: str) -> str:
+    """The markdown for ``{{ results_table("name") }}``; ``bench:NAME`` renders a benchmark's rows."""
+    if name.startswith("bench:"):
+        return bench(name.removeprefix("bench:"))
+    if name not in RENDERERS:
+        raise ResultsError(f"no results table named {name!r}; known: {sorted(RENDERERS)} or bench:NAME")
+    return RENDERERS[name]()
+
+
+def render_page(markdown: str) -> str:
+    """Replace every ``{{ results_table("NAME") }}`` in a page."""
+    return PLACEHOLDER.sub(lambda m: render(m.group(1)), markdown)
+
+
+def missing_docstrings(packages: tuple[str, ...] = DOCUMENTED_PACKAGES) -> list[str]:
+    """Public functions and classes (module ``__all__`` if defined, else names without ``_``) lacking a
+    docstring, over every module of ``packages``."""
+    import griffe
+
+    missing: list[str] = []
+
+    def visit(module: Any) -> None:
+        if module.name.startswith("_") and module.name != "__init__":
+            return
+        if not module.docstring:
+            missing.append(module.path)
+        public = module.exports
+        for name, member in module.members.items():
+            if member.is_alias or name.startswith("_") or (public is not None and name not in public):
+                continue
+            if member.is_module:
+                visit(member)
+            elif (member.is_function or member.is_class) and not member.docstring:
+                missing.append(member.path)
+
+    for pkg in packages:
+        visit(griffe.load(pkg, search_paths=[str(ROOT)], try_relative_path=False))
+    return missing
+
+
+# ----------------------------------------------------------------------------------------------- mkdocs hooks
+
+
+def on_config(config: Any) -> Any:
+    for path in missing_docstrings():
+        log.warning(f"public API without a docstring: {path}")
+    return config
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    from mkdocs.exceptions import PluginError
+
+    try:
+        return render_page(markdown)
+    except (ResultsError, KeyError, TypeError) as err:
+        raise PluginError(f"{page.file.src_path}: {err}") from err
