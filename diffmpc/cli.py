@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "experiments.table1",  # table1 (neural ODE)
     "experiments.expert_data",  # expert, dataset, mpc-rollout
     "experiments.table2",  # train, evaluate, render, table2, demo
+    "diffmpc.sweep_command",  # sweep (any command above over seeds / option values)
 )
 
 
