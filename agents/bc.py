@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffmpc.nn import AngleFeatures
-
 from .ifo import normalized_error
+from .task import CARTPOLE, Task
 from .training import load_checkpoint, save_checkpoint
 
 __all__ = ["BCConfig", "BCPolicy", "BCTrainer", "BC_PRESETS", "load_bc_policy"]
@@ -40,8 +39,6 @@ class BCConfig:
     batch: int = 256
     lr: float = 3e-3
     checkpoint_every: int = 500
-    u_low: float = -1.0
-    u_high: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -50,7 +47,7 @@ class BCConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BCConfig:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k not in ("u_low", "u_high")}  # bounds live in the Task now
         d["hidden"] = tuple(d.get("hidden", cls.hidden))
         return cls(**d)
 
@@ -63,23 +60,27 @@ BC_PRESETS = {
 
 
 class BCPolicy(nn.Module):
-    """``π(x) = mid + half·tanh(MLP(φ(x)))``: batched ``(B, 4) -> (B, 1)`` (any float dtype)."""
+    """``π(x) = mid + half·tanh(MLP(φ(x)))``: batched ``(B, n) -> (B, m)`` of ``task`` (any float dtype)."""
 
-    def __init__(self, hidden: tuple[int, ...] = (64, 64), u_low: float = -1.0, u_high: float = 1.0) -> None:
+    def __init__(self, hidden: tuple[int, ...] = (64, 64), task: Task | None = None) -> None:
         super().__init__()
-        self.features = AngleFeatures(4, [2])
-        sizes = [self.features.out_dim, *hidden, 1]
+        task = task or CARTPOLE
+        self.task = task
+        self.features = task.features()
+        sizes = [self.features.out_dim, *hidden, task.action_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
-        self.mid, self.half = (u_high + u_low) / 2, (u_high - u_low) / 2
+        low, high = task.bounds()
+        self.register_buffer("u_mid", (high + low) / 2)
+        self.register_buffer("u_half", (high - low) / 2)
 
     def forward(self, x: Tensor) -> Tensor:
         p = next(self.parameters())
-        return self.mid + self.half * torch.tanh(self.net(self.features(x.to(p.dtype))))
+        return self.u_mid + self.u_half * torch.tanh(self.net(self.features(x.to(p.dtype))))
 
 
 class BCTrainer:
@@ -96,22 +97,23 @@ class BCTrainer:
         config: BCConfig | None = None,
         seed: int = 0,
         out: str | Path | None = None,
+        task: Task | None = None,
     ) -> None:
         self.config = config or BCConfig()
+        self.task = task = task or CARTPOLE
         p = next(dynamics.parameters())
         self.x = torch.as_tensor(np.asarray(x), dtype=p.dtype)
         self.x_next = torch.as_tensor(np.asarray(x_next), dtype=p.dtype)
-        if self.x.ndim != 2 or self.x.shape[1] != 4 or self.x.shape != self.x_next.shape:
-            raise ValueError(
-                f"expert pairs must be two (N, 4) arrays, got {tuple(self.x.shape)} and "
-                f"{tuple(self.x_next.shape)}"
-            )
+        task.check_states(self.x, self.x_next, what="expert pairs")
+        if self.x.shape != self.x_next.shape:
+            raise ValueError(f"expert pairs must have equal shapes, got {tuple(self.x.shape)} and "
+                             f"{tuple(self.x_next.shape)}")
         self.dynamics = dynamics.requires_grad_(False)
         self.seed = seed
         self.out = None if out is None else Path(out)
         torch.manual_seed(seed)
         c = self.config
-        self.policy = BCPolicy(c.hidden, c.u_low, c.u_high).to(p.dtype)
+        self.policy = BCPolicy(c.hidden, task).to(p.dtype)
         self.opt = torch.optim.Adam(self.policy.parameters(), c.lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
@@ -126,6 +128,7 @@ class BCTrainer:
         return {
             "kind": "bc",
             "config": self.config.to_dict(),
+            "task": self.task.to_dict(),
             "seed": self.seed,
             "step": self.step,
             "policy": self.policy.state_dict(),
@@ -144,7 +147,8 @@ class BCTrainer:
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return False
-        s = load_checkpoint(path, {"kind": "bc", "config": self.config.to_dict(), "seed": self.seed})
+        s = load_checkpoint(path, {"kind": "bc", "config": self.config.to_dict(), "seed": self.seed,
+                                "task": self.task.to_dict()})
         self.policy.load_state_dict(s["policy"])
         self.opt.load_state_dict(s["opt"])
         self.generator.set_state(s["generator"])
@@ -161,7 +165,8 @@ class BCTrainer:
         if resume:
             self.resume()
         t0 = time.perf_counter() - self.elapsed
-        scale = self.dynamics.out_scale if hasattr(self.dynamics, "out_scale") else torch.ones(4)
+        scale = getattr(self.dynamics, "out_scale", None)
+        scale = torch.ones(self.task.state_dim) if scale is None else scale
         bar = tqdm(
             total=c.steps, initial=self.step, desc="BC (through learned dynamics)", disable=not progress
         )
@@ -207,6 +212,11 @@ def load_bc_policy(path: str | Path) -> BCPolicy:
     """The trained policy of a BC checkpoint."""
     s = load_checkpoint(path, {"kind": "bc"})
     cfg = BCConfig.from_dict(s["config"])
-    pol = BCPolicy(cfg.hidden, cfg.u_low, cfg.u_high)
-    pol.load_state_dict(s["policy"])
+    task = Task.from_dict(s["task"]) if "task" in s else CARTPOLE  # before issue 15: cart-pole only
+    pol = BCPolicy(cfg.hidden, task)
+    state = dict(s["policy"])
+    low, high = task.bounds(next(iter(state.values())).dtype)
+    state.setdefault("u_mid", (high + low) / 2)  # older checkpoints kept the box as plain floats
+    state.setdefault("u_half", (high - low) / 2)
+    pol.load_state_dict(state)
     return pol.to(next(iter(s["policy"].values())).dtype)

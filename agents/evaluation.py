@@ -89,10 +89,13 @@ def evaluate_policy(
 
     if hasattr(policy, "reset"):
         policy.reset(seed)
+    if hasattr(policy, "reset_counts"):
+        policy.reset_counts()
     t0 = time.perf_counter()
     res = rollout(policy, start_states(variance, n, start_seed))
     ep = res["episode_cost"].numpy()
     return {
+        "converged_fraction": getattr(policy, "converged_fraction", None),
         "variance": variance,
         "episodes": n,
         "mean_cost": float(ep.mean()),
@@ -102,92 +105,47 @@ def evaluate_policy(
     }
 
 
-class _Planner:
-    """A batched receding-horizon policy around ``plan(x, warm) -> plan (B, H, 1)``, warm-started."""
-
-    def __init__(
-        self,
-        plan: Callable[[Tensor, Tensor | None], Tensor],
-        dtype: torch.dtype,
-        reseed: Callable[[int | None], None],
-        warm_start: bool = True,
-    ) -> None:
-        self._plan_fn, self.dtype, self._reseed, self.warm_start = plan, dtype, reseed, warm_start
-        self._plan: Tensor | None = None
-
-    def reset(self, seed: int | None = None) -> None:
-        self._plan = None
-        self._reseed(seed)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        from diffmpc.sampling import shift_plan
-
-        xs = x.to(self.dtype)
-        warm = None
-        if self.warm_start and self._plan is not None and self._plan.shape[0] == xs.shape[0]:
-            warm = shift_plan(self._plan)
-        plan = self._plan_fn(xs, warm)
-        self._plan = plan.detach()
-        return plan[:, 0].to(torch.float64)
-
-
 def expert_policy(
     horizon: int = 10, n_samples: int = 1000, substeps: int = 4, planner: str = "rs",
     cem_iterations: int = 4,
-) -> _Planner:
-    """The expert on the true model and cost, batched over B starts.
+) -> Any:
+    """The cart-pole expert on the true model and cost, batched over B starts: an :class:`agents.MPCPolicy`
+    with a sampling-only planner (seeded 0 unless :meth:`reset` is given a seed).
 
     ``planner="rs"`` is the paper's expert: random shooting (1000 plans, H = 10, no warm start) —
-    :class:`agents.SamplingExpert` with ``ExpertConfig()``. ``planner="cem"`` is a stronger reference with
-    the sampling budget MPC_IFT gets at test time (CEM ``n_samples`` × ``cem_iterations``, 10 % elites,
+    :func:`agents.expert.sampling_expert` with ``ExpertConfig()``. ``planner="cem"`` is a stronger reference
+    with the sampling budget MPC_IFT gets at test time (CEM ``n_samples`` × ``cem_iterations``, 10 % elites,
     warm-started by the shifted previous plan): it separates "the learner beats a noisy planner" from
     "the learner beats the true model".
     """
-    from diffmpc.sampling import cem, random_shooting
-
     from .expert import cartpole_plan_cost
+    from .mpc_policy import MPCPolicy, SamplingPlanner
 
     if planner not in ("rs", "cem"):
         raise ValueError(f"unknown expert planner {planner!r}; use 'rs' (the paper's) or 'cem'")
-    gen = torch.Generator()
-    low, high = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
 
     def plan_cost(x0: Tensor, u: Tensor) -> Tensor:
         return cartpole_plan_cost(x0, u, substeps=substeps)
 
-    def plan(x: Tensor, warm: Tensor | None) -> Tensor:
-        if planner == "rs":
-            u, _ = random_shooting(plan_cost, x, horizon, low, high, n_samples, None, gen)
-        else:
-            u, _ = cem(plan_cost, x, horizon, low, high, n_samples, max(1, n_samples // 10),
-                       cem_iterations, u_init=warm, generator=gen)
-        return u
-
-    return _Planner(
-        plan, torch.float64, lambda s: gen.manual_seed(0 if s is None else int(s)),
-        warm_start=planner == "cem",
-    )
+    sampler = SamplingPlanner(plan_cost=plan_cost, horizon=horizon, u_low=-1.0, u_high=1.0, sampler=planner,
+                              n_samples=n_samples, cem_iterations=cem_iterations, seed=0)
+    return MPCPolicy(sampler, warm_start=planner == "cem", dtype=torch.float64, seed=0)
 
 
-def mpc_policy(dynamics: torch.nn.Module, cost: torch.nn.Module, config: Any) -> _Planner:
+def mpc_policy(dynamics: torch.nn.Module, cost: torch.nn.Module, config: Any, task: Any = None) -> Any:
     """MPC_IFT at test time: the learned model and cost in the MPC layer (sampler + Newton refinement, no
-    gradients), warm-started by the shifted previous plan, at ``config.eval_dtype``."""
+    gradients), an :class:`agents.MPCPolicy` warm-started by the shifted previous plan, at
+    ``config.eval_dtype``. Unconverged plans are counted (``converged_fraction``), not warned one by one."""
     import copy
 
     from .ifo import _DTYPES, make_mpc
-    from .training import quiet_convergence_warnings
+    from .mpc_policy import MPCPolicy
 
     dtype = _DTYPES[config.eval_dtype]
     dyn = copy.deepcopy(dynamics).to(dtype).requires_grad_(False)
     cst = copy.deepcopy(cost).to(dtype).requires_grad_(False)
-    mpc = make_mpc(dyn, cst, config, evaluation=True, seed=0)
-
-    def plan(x: Tensor, warm: Tensor | None) -> Tensor:
-        with torch.no_grad(), quiet_convergence_warnings():
-            u, _ = mpc(x, warm)
-        return u
-
-    return _Planner(plan, dtype, lambda s: mpc.seed(0 if s is None else int(s)))
+    mpc = make_mpc(dyn, cst, config, evaluation=True, seed=0, task=task)
+    return MPCPolicy(mpc, dtype=dtype, seed=0, warn=False)
 
 
 def plot_trajectories(rollouts: Mapping[str, Mapping[str, Tensor]], path: Any, index: int = 0) -> Any:

@@ -1,6 +1,8 @@
-r"""The cart-pole expert of the paper (Sec. 3.2): sampling MPC on the *true* dynamics and cost.
+r"""Experts and episodes: the paper's cart-pole expert (Sec. 3.2) and the Gymnasium loop for any policy/env.
 
-Each step plans ``u_{0:H-1} = argmin Σ_{t=1}^{H} c(x_t)`` over ``x_{t+1} = F(x_t, u_t)`` (the env's
+The cart-pole expert is an :class:`agents.MPCPolicy` configuration (a sampling-only planner, no gradient
+refinement) on the *true* dynamics and cost: each step plans ``u_{0:H-1} = argmin Σ_{t=1}^{H} c(x_t)``
+over ``x_{t+1} = F(x_t, u_t)`` (the env's
 :func:`envs.cartpole_dynamics`, RK4 with 4 substeps, and :func:`envs.cartpole_cost`, both at float64) and
 applies ``u_0`` (receding horizon). Planners:
 
@@ -11,6 +13,10 @@ applies ``u_0`` (receding horizon). Planners:
 
 ``backend="compile"`` wraps the batched rollout in ``torch.compile`` (one fused CPU kernel, minutes to compile
 on a busy machine, then several times faster than eager); ``"eager"`` is the default.
+
+:func:`run_episode` / :func:`evaluate_expert` run *any* policy (an ``MPCPolicy`` on a model you provide, or
+any callable ``obs -> action``) in *any* Gymnasium env; the cost is ``info["cost"]`` where the env gives one,
+else ``-reward``.
 """
 
 from __future__ import annotations
@@ -23,9 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmpc.sampling import cem, random_shooting, shift_plan
-
-__all__ = ["ExpertConfig", "SamplingExpert", "evaluate_expert", "run_episode", "make_env", "PLANNERS"]
+__all__ = ["ExpertConfig", "SamplingExpert", "sampling_expert", "evaluate_expert", "run_episode", "make_env",
+           "PLANNERS"]
 
 PLANNERS = ("rs", "cem")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -33,7 +38,7 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 @dataclass(frozen=True)
 class ExpertConfig:
-    """Settings of :class:`SamplingExpert` (defaults: the paper's RS expert)."""
+    """Settings of :func:`sampling_expert` (defaults: the paper's RS expert)."""
 
     planner: str = "rs"
     horizon: int = 10
@@ -76,120 +81,133 @@ def cartpole_plan_cost(x0: Tensor, u: Tensor, dt: float = 0.1, substeps: int = 4
     return total
 
 
-class SamplingExpert:
-    """Receding-horizon sampling MPC on the true cart-pole model; ``act(obs) -> action`` (numpy, (1,)).
+def sampling_expert(config: ExpertConfig | None = None, seed: int | None = None, plan_cost: Any = None,
+                    u_low: Any = -1.0, u_high: Any = 1.0, action_space: Any = None) -> Any:
+    """The sampling expert as an :class:`agents.MPCPolicy` configuration (``refine=False``).
 
-    ``plan_cost`` can be replaced (any ``(x0 (P, n), u (P, H, m)) -> (P,)``) to plan on another model.
-    Deterministic under a seed: :meth:`reset` reseeds the sampler.
+    Default: the paper's cart-pole expert (``ExpertConfig()``: random shooting, 1000 plans, H = 10, no warm
+    start, on the true model with 4 RK4 substeps). ``plan_cost`` (any ``(x0 (P, n), u (P, H, m)) -> (P,)``)
+    plans on another model; ``u_low``/``u_high`` or ``action_space`` give its bounds. ``act(obs)`` returns a
+    float32 numpy action; :meth:`reset` reseeds the sampler (deterministic under a seed). The returned
+    policy carries the settings as ``policy.config``.
     """
+    import gymnasium as gym
 
-    def __init__(self, config: ExpertConfig | None = None, seed: int | None = None, plan_cost: Any = None,
-                 u_low: float = -1.0, u_high: float = 1.0) -> None:
-        self.config = config or ExpertConfig()
-        c = self.config
-        self.dtype = _DTYPES[c.dtype]
-        fn = plan_cost or (lambda x, u: cartpole_plan_cost(x, u, c.dt, c.substeps))
-        self.plan_cost = torch.compile(fn, dynamic=False) if c.backend == "compile" else fn
-        self.low = torch.tensor([u_low], dtype=self.dtype)
-        self.high = torch.tensor([u_high], dtype=self.dtype)
-        self.generator = torch.Generator()
-        self._seed = seed
-        self._plan: Tensor | None = None
-        self.last_cost: float | None = None
-        self.reset(seed)
+    from .mpc_policy import MPCPolicy, SamplingPlanner
 
-    def reset(self, seed: int | None = None) -> None:
-        """Forget the warm start and reseed (``seed=None`` keeps the constructor's seed, or draws one)."""
-        seed = seed if seed is not None else self._seed
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
-        self._plan = None
-
-    def plan(self, obs: Any) -> Tensor:
-        """The best plan ``(H, 1)`` found from ``obs`` (also stored for the warm start)."""
-        c = self.config
-        x0 = torch.as_tensor(np.asarray(obs), dtype=self.dtype).reshape(1, -1)
-        if not bool(torch.isfinite(x0).all()):
-            raise ValueError(f"observation must be finite, got {x0.tolist()}")
-        warm = shift_plan(self._plan).unsqueeze(0) if (c.uses_warm_start and self._plan is not None) else None
-        with torch.no_grad():
-            if c.planner == "rs":
-                u, cost = random_shooting(self.plan_cost, x0, c.horizon, self.low, self.high, c.n_samples,
-                                          u_init=warm, generator=self.generator)
-            else:
-                u, cost = cem(self.plan_cost, x0, c.horizon, self.low, self.high, c.n_samples, c.n_elites,
-                              c.cem_iterations, init_std=c.cem_init_std, u_init=warm,
-                              generator=self.generator)
-        self._plan = u[0]
-        self.last_cost = float(cost[0])
-        return u[0]
-
-    def act(self, obs: Any) -> np.ndarray:
-        return self.plan(obs)[0].numpy().astype(np.float32)
-
-    __call__ = act
+    c = config or ExpertConfig()
+    fn = plan_cost or (lambda x, u: cartpole_plan_cost(x, u, c.dt, c.substeps))
+    if c.backend == "compile":
+        fn = torch.compile(fn, dynamic=False)
+    if action_space is None:
+        low = np.broadcast_to(np.asarray(u_low, dtype=np.float32), np.shape(np.atleast_1d(u_high)))
+        high = np.asarray(np.atleast_1d(u_high), dtype=np.float32)
+        action_space = gym.spaces.Box(low, high, dtype=np.float32)
+    planner = SamplingPlanner(plan_cost=fn, horizon=c.horizon, u_low=action_space.low.astype(np.float64),
+                              u_high=action_space.high.astype(np.float64), sampler=c.planner,
+                              n_samples=c.n_samples, n_elites=c.n_elites, cem_iterations=c.cem_iterations,
+                              cem_init_std=c.cem_init_std, seed=seed)
+    policy = MPCPolicy(planner, action_space=action_space, warm_start=c.uses_warm_start,
+                       dtype=_DTYPES[c.dtype], seed=seed)
+    policy.config = c
+    return policy
 
 
-def run_episode(env: Any, expert: Any, seed: int) -> dict[str, Any]:
-    """One episode: env and expert both seeded with ``seed``; exact float64 states from ``info["state"]``.
+SamplingExpert = sampling_expert  # the name of the former class; the expert is an MPCPolicy now
 
-    Returns ``states (T+1, 4)``, ``actions (T, 1)``, ``costs (T,)`` (``info["cost"]``), ``cost`` (their sum)
-    and ``latencies`` (seconds per action).
+
+def run_episode(env: Any, policy: Any, seed: int, max_steps: int | None = None) -> dict[str, Any]:
+    """One episode of any ``policy`` (a callable ``obs -> action`` or an object with ``act``; its
+    ``reset(seed)`` is called first) in any Gymnasium ``env``, both seeded with ``seed``.
+
+    The recorded state is ``info["state"]`` where the env provides it (exact float64 states of our envs),
+    else the observation. The cost of a step is ``info["cost"]`` where present, else ``-reward``.
+    Returns ``states (T+1, n)``, ``actions (T, m)``, ``costs (T,)``, ``rewards (T,)``, ``cost`` and
+    ``return`` (their sums) and ``latencies`` (seconds per action).
     """
+    act = policy.act if hasattr(policy, "act") else policy
+    if not callable(act):
+        raise TypeError(f"policy must be callable obs -> action or have .act(obs), got "
+                        f"{type(policy).__name__}")
     obs, info = env.reset(seed=seed)
-    expert.reset(seed=seed)
+    if hasattr(policy, "reset"):
+        policy.reset(seed=seed)
     state = info.get("state", obs)
-    states, actions, costs, latencies = [np.asarray(state, dtype=np.float64)], [], [], []
+    states, actions, costs, rewards, latencies = [np.asarray(state, dtype=np.float64)], [], [], [], []
     done = False
-    while not done:
+    while not done and (max_steps is None or len(actions) < max_steps):
         t0 = time.perf_counter()
-        a = expert.act(state)
+        a = act(state)
         latencies.append(time.perf_counter() - t0)
-        obs, _, terminated, truncated, info = env.step(a)
+        if hasattr(a, "detach"):
+            a = a.detach().cpu().numpy()
+        obs, reward, terminated, truncated, info = env.step(a)
         state = info.get("state", obs)
-        costs.append(float(info["cost"]))
+        rewards.append(float(reward))
+        costs.append(float(info["cost"]) if "cost" in info else -float(reward))
         states.append(np.asarray(state, dtype=np.float64))
         actions.append(np.asarray(a, dtype=np.float64).reshape(-1))
         done = terminated or truncated
     return {"states": np.stack(states), "actions": np.stack(actions), "costs": np.asarray(costs),
-            "cost": float(np.sum(costs)), "latencies": latencies}
+            "rewards": np.asarray(rewards), "cost": float(np.sum(costs)), "return": float(np.sum(rewards)),
+            "latencies": latencies}
 
 
-def make_env(start_variance: float = 0.04, env_id: str | None = None, **kwargs: Any) -> Any:
-    """``gymnasium.make`` of the cart-pole swing-up (``import envs`` registers it)."""
+def make_env(env_id: str | None = None, start_variance: float | None = None, **kwargs: Any) -> Any:
+    """``gymnasium.make(env_id)`` for any registered id (default: the cart-pole swing-up; ``import envs``
+    registers ours). ``start_variance`` is passed only when given (default 0.04 for the cart-pole)."""
     import gymnasium as gym
 
     import envs
 
-    return gym.make(env_id or envs.CARTPOLE_ID, start_variance=start_variance, **kwargs)
+    env_id = env_id or envs.CARTPOLE_ID
+    if start_variance is None and env_id == envs.CARTPOLE_ID:
+        start_variance = 0.04
+    if start_variance is not None:
+        kwargs["start_variance"] = start_variance
+    try:
+        return gym.make(env_id, **kwargs)
+    except TypeError as err:
+        if "start_variance" in kwargs and "start_variance" in str(err):
+            raise ValueError(f"{env_id} does not take a start variance; leave start_variance unset") from err
+        raise
 
 
-def evaluate_expert(expert: Any, episodes: int = 50, seed: int = 0, start_variance: float = 0.04,
-                    env_id: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run ``episodes`` episodes (env and expert seeds ``seed + i``) and sum ``info["cost"]`` per episode.
+def evaluate_expert(expert: Any, episodes: int = 50, seed: int = 0, start_variance: float | None = None,
+                    env_id: str | None = None, progress: bool = True, env: Any = None) -> dict[str, Any]:
+    """Run ``episodes`` episodes (env and expert seeds ``seed + i``) of any policy in any env.
 
-    Returns mean episode cost, its standard error, per-episode costs and per-action latency (median, mean).
+    Returns mean episode cost (``info["cost"]``, else ``-reward``) and return, standard errors, per-episode
+    values, per-action latency (median, mean) and, for an :class:`agents.MPCPolicy`, its converged fraction.
     """
     from tqdm import tqdm
 
-    env = make_env(start_variance, env_id)
-    costs, latencies = [], []
+    own = env is None
+    env = make_env(env_id, start_variance) if own else env
+    costs, returns, latencies = [], [], []
     bar = tqdm(range(episodes), desc="expert episodes", disable=not progress)
     for ep in bar:
         res = run_episode(env, expert, seed + ep)
         costs.append(res["cost"])
+        returns.append(res["return"])
         latencies += res["latencies"]
         bar.set_postfix(mean_cost=f"{np.mean(costs):.2f}")
-    env.close()
-    costs_a = np.asarray(costs)
+    if own:
+        env.close()
+    costs_a, returns_a = np.asarray(costs), np.asarray(returns)
+
+    def se(a: np.ndarray) -> float:
+        return float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+
+    cfg = getattr(expert, "config", None)
     return {
         "episodes": episodes, "seed": seed, "start_variance": start_variance,
-        "mean_cost": float(costs_a.mean()),
-        "stderr": float(costs_a.std(ddof=1) / np.sqrt(len(costs_a))) if len(costs_a) > 1 else float("nan"),
-        "episode_costs": costs_a.tolist(),
+        "env_id": env.spec.id if getattr(env, "spec", None) is not None else None,
+        "mean_cost": float(costs_a.mean()), "stderr": se(costs_a), "episode_costs": costs_a.tolist(),
+        "mean_return": float(returns_a.mean()), "return_stderr": se(returns_a),
+        "episode_returns": returns_a.tolist(),
         "latency_median_ms": float(np.median(latencies) * 1e3),
         "latency_mean_ms": float(np.mean(latencies) * 1e3),
-        "config": asdict(expert.config) if hasattr(expert, "config") else None,
+        "converged_fraction": getattr(expert, "converged_fraction", None),
+        "config": asdict(cfg) if cfg is not None and hasattr(cfg, "__dataclass_fields__") else None,
     }

@@ -6,9 +6,9 @@ The learner sees expert *states only* — consecutive pairs ``(x, x')`` — and 
 * a neural dynamics model ``h(x, u; θ_h)`` (:class:`diffmpc.nn.MLPDynamics` on angle features) by regression
   on triplets ``(x, u, F(x, u))`` with ``x`` drawn from the expert states and ``u ~ U(u_low, u_high)``;
 * a cost ``c(x; θ_c)`` (:class:`diffmpc.nn.TargetStateCost`: a learnable target ``φ̄`` in the feature
-  space ``φ(x) = (x, ẋ, θ̇, sin θ, cos θ)`` and learnable, normalised weights) *through the MPC layer*: for a
-  batch of expert pairs, ``u*(x) = MPC(x; θ_h, θ_c)`` (Eq. 5, solved to a stationary point),
-  ``x̂ = h(x, u*_0)`` and
+  space ``φ(x)`` — for the cart-pole ``(x, ẋ, θ̇, sin θ, cos θ)`` — and learnable, normalised weights)
+  *through the MPC layer*: for a batch of expert pairs, ``u*(x) = MPC(x; θ_h, θ_c)`` (Eq. 5, solved to a
+  stationary point), ``x̂ = h(x, u*_0)`` and
 
   .. math::  L(θ_c) = \frac{1}{|B|} \sum_{(x, x') ∈ B} \lVert (x' − h(x, u^*_0(x; θ_c))) ⊘ σ \rVert^2
 
@@ -22,6 +22,11 @@ through a random model is noise); samples whose MPC solve did not reach ``‖∇
 cost loss (the IFT gradient does not hold there) and their fraction is logged; the horizon curriculum grows
 H linearly from 1 to ``horizon`` over ``curriculum_iters`` iterations (paper: "start at 1, grow").
 
+Any environment: the :class:`agents.task.Task` (state/action dims, action box, angle dimensions, env id)
+sizes every module and is stored in the checkpoint; the simulator query is any batched torch function
+``F(x, u)`` (or the env itself when it can be set to a state, :func:`agents.task.simulator_for`). The
+default task is the cart-pole (:data:`agents.task.CARTPOLE`).
+
 Everything random comes from one ``torch.Generator`` saved in the checkpoint, and the MPC sampler is reseeded
 every iteration, so ``resume`` reproduces an uninterrupted run exactly (same machine, same thread count).
 """
@@ -31,18 +36,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from diffmpc.mpc import MPC
-from diffmpc.nn import AngleFeatures, MLPDynamics, TargetStateCost
+from diffmpc.nn import MLPDynamics, TargetStateCost
 
+from .task import CARTPOLE, Simulator, Task, simulator_for
 from .training import load_checkpoint, quiet_convergence_warnings, save_checkpoint
 
 __all__ = [
@@ -54,10 +59,11 @@ __all__ = [
     "make_mpc",
     "cartpole_simulator",
     "load_ifo_models",
+    "load_ifo_checkpoint",
+    "IfOModels",
     "normalized_error",
 ]
 
-Simulator = Callable[[Tensor, Tensor], Tensor]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -93,8 +99,6 @@ class IfOConfig:
     eval_newton_iters: int = 5
     eval_dtype: str = "float32"
     checkpoint_every: int = 25
-    u_low: float = -1.0
-    u_high: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES or self.eval_dtype not in _DTYPES:
@@ -114,8 +118,6 @@ class IfOConfig:
         bad = [k for k in positive if getattr(self, k) < 1]
         if bad:
             raise ValueError(f"these settings must be >= 1: {bad}")
-        if not self.u_low < self.u_high:
-            raise ValueError(f"u_low must be below u_high, got {self.u_low}, {self.u_high}")
 
     def horizon_at(self, iteration: int) -> int:
         """The curriculum: ``H = 1`` at iteration 0, growing linearly to ``horizon``."""
@@ -128,10 +130,12 @@ class IfOConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IfOConfig:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k not in _LEGACY_KEYS}
         d["hidden"] = tuple(d.get("hidden", cls.hidden))
         return cls(**d)
 
+
+_LEGACY_KEYS = ("u_low", "u_high")  # bounds moved into the Task (checkpoints before issue 15)
 
 IFO_PRESETS: dict[str, IfOConfig] = {
     "quick": IfOConfig(),
@@ -176,22 +180,23 @@ def cartpole_simulator(x: Tensor, u: Tensor) -> Tensor:
     The learner only calls it (``x (N, 4), u (N, 1) -> x' (N, 4)``), as it would call ``env.step`` after
     setting the state; it never differentiates it or reads its equations.
     """
-    from envs import cartpole_dynamics
-
-    with torch.no_grad():
-        return cartpole_dynamics(x, u)
+    return simulator_for(CARTPOLE)(x, u)
 
 
-def make_dynamics(cfg: IfOConfig) -> MLPDynamics:
-    """The learned cart-pole model: residual tanh MLP on ``(x, ẋ, θ̇, sin θ, cos θ, u)``."""
-    return MLPDynamics(4, 1, hidden=cfg.hidden, features=AngleFeatures(4, [2])).to(_DTYPES[cfg.dtype])
+def make_dynamics(cfg: IfOConfig, task: Task | None = None) -> MLPDynamics:
+    """The learned model: residual tanh MLP on ``(φ(x), u)`` (cart-pole: ``(x, ẋ, θ̇, sin θ, cos θ, u)``)."""
+    task = task or CARTPOLE
+    return MLPDynamics(task.state_dim, task.action_dim, hidden=cfg.hidden, features=task.features()).to(
+        _DTYPES[cfg.dtype])
 
 
-def make_cost(cfg: IfOConfig, generator: torch.Generator | None = None) -> TargetStateCost:
+def make_cost(cfg: IfOConfig, generator: torch.Generator | None = None, task: Task | None = None
+              ) -> TargetStateCost:
     """The learned cost: target ``φ̄ ~ N(0, target_init_std²)`` in feature space, uniform learnable weights."""
+    task = task or CARTPOLE
     dtype = _DTYPES[cfg.dtype]
-    target = cfg.target_init_std * torch.randn(5, generator=generator, dtype=dtype)
-    return TargetStateCost(target, learn_weights=True, normalize_weights=True, features=AngleFeatures(4, [2]))
+    target = cfg.target_init_std * torch.randn(task.feature_dim, generator=generator, dtype=dtype)
+    return TargetStateCost(target, learn_weights=True, normalize_weights=True, features=task.features())
 
 
 def make_mpc(
@@ -201,15 +206,17 @@ def make_mpc(
     horizon: int | None = None,
     evaluation: bool = False,
     seed: int | None = None,
+    task: Task | None = None,
 ) -> MPC:
     """The MPC layer of training (``evaluation=False``) or of the evaluated policy (stronger planner)."""
+    task = task or CARTPOLE
     if evaluation:
         return MPC(
             dynamics,
             cost,
             horizon or cfg.horizon,
-            cfg.u_low,
-            cfg.u_high,
+            task.u_low,
+            task.u_high,
             sampler=cfg.sampler,
             n_samples=cfg.eval_samples,
             cem_iterations=cfg.eval_cem_iterations,
@@ -220,8 +227,8 @@ def make_mpc(
         dynamics,
         cost,
         horizon or cfg.horizon,
-        cfg.u_low,
-        cfg.u_high,
+        task.u_low,
+        task.u_high,
         sampler=cfg.sampler,
         n_samples=cfg.n_samples,
         cem_iterations=cfg.cem_iterations,
@@ -238,32 +245,33 @@ def normalized_error(pred: Tensor, target: Tensor, scale: Tensor) -> Tensor:
 
 @dataclass
 class IfOTrainer:
-    """Alg. 2 on expert state pairs ``(x, x')`` (arrays ``(N, 4)``); ``run()`` trains, checkpointing to
-    ``out/ifo_checkpoint.pt`` (``resume=True`` continues from there)."""
+    """Alg. 2 on expert state pairs ``(x, x')`` (arrays ``(N, n)``) of ``task`` (default: the cart-pole);
+    ``simulator`` is the query ``F(x, u)`` (default: :func:`agents.task.simulator_for`). ``run()`` trains,
+    checkpointing to ``out/ifo_checkpoint.pt`` (``resume=True`` continues from there)."""
 
     x: Tensor
     x_next: Tensor
     config: IfOConfig = field(default_factory=IfOConfig)
     seed: int = 0
-    simulator: Simulator = cartpole_simulator
+    simulator: Simulator | None = None
     out: Path | None = None
+    task: Task | None = None
 
     def __post_init__(self) -> None:
         cfg = self.config
         dtype = _DTYPES[cfg.dtype]
+        self.task = self.task or CARTPOLE
         self.x = torch.as_tensor(np.asarray(self.x), dtype=dtype)
         self.x_next = torch.as_tensor(np.asarray(self.x_next), dtype=dtype)
-        if self.x.ndim != 2 or self.x.shape[1] != 4 or self.x.shape != self.x_next.shape:
-            raise ValueError(
-                f"expert pairs must be two (N, 4) arrays, got {tuple(self.x.shape)} and "
-                f"{tuple(self.x_next.shape)}"
-            )
-        if not bool(torch.isfinite(self.x).all() & torch.isfinite(self.x_next).all()):
-            raise ValueError("expert states contain NaN or inf")
+        self.task.check_states(self.x, self.x_next, what="expert pairs")
+        if self.x.shape != self.x_next.shape:
+            raise ValueError(f"expert pairs must have equal shapes, got {tuple(self.x.shape)} and "
+                             f"{tuple(self.x_next.shape)}")
+        self.simulator = simulator_for(self.task, self.simulator)
         torch.manual_seed(self.seed)  # module initialisation
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.dynamics = make_dynamics(cfg)
-        self.cost = make_cost(cfg, self.generator)
+        self.dynamics = make_dynamics(cfg, self.task)
+        self.cost = make_cost(cfg, self.generator, self.task)
         self.dyn_opt = torch.optim.Adam(self.dynamics.parameters(), cfg.dyn_lr)
         self.cost_opt = torch.optim.Adam(self.cost.parameters(), cfg.cost_lr)
         self.buffer: tuple[Tensor, Tensor, Tensor] | None = None
@@ -282,6 +290,7 @@ class IfOTrainer:
         return {
             "kind": "ifo",
             "config": self.config.to_dict(),
+            "task": self.task.to_dict(),
             "seed": self.seed,
             "iteration": self.iteration,
             "warmed_up": self.warmed_up,
@@ -318,18 +327,20 @@ class IfOTrainer:
         if path is None or not path.is_file():
             return False
         self.load_state_dict(
-            load_checkpoint(path, {"kind": "ifo", "config": self.config.to_dict(), "seed": self.seed})
+            load_checkpoint(path, {"kind": "ifo", "config": self.config.to_dict(), "seed": self.seed,
+                                   "task": self.task.to_dict()})
         )
         return True
 
     # ------------------------------------------------------------------ (a) dynamics
     def query(self, n: int) -> None:
         """Alg. 2, line "collect": ``x`` from the expert states, ``u ~ U(box)``, ``x' = F(x, u)``."""
-        cfg = self.config
         idx = torch.randint(0, self.x.shape[0], (n,), generator=self.generator)
         x = self.x[idx]
-        u = cfg.u_low + (cfg.u_high - cfg.u_low) * torch.rand(n, 1, generator=self.generator, dtype=x.dtype)
-        xn = self.simulator(x, u).to(x.dtype)
+        u = self.task.sample_actions(n, self.generator, x.dtype)
+        xn = torch.as_tensor(self.simulator(x, u)).to(x.dtype)
+        if xn.shape != x.shape:
+            raise ValueError(f"the simulator returned shape {tuple(xn.shape)} for states {tuple(x.shape)}")
         if self.buffer is None:
             self.buffer = (x, u, xn)
         else:
@@ -377,7 +388,8 @@ class IfOTrainer:
         idx = torch.randint(0, self.x.shape[0], (cfg.cost_batch,), generator=self.generator)
         x, xn = self.x[idx], self.x_next[idx]
         self.dynamics.requires_grad_(False)  # θ_h is fixed while the cost learns
-        mpc = make_mpc(self.dynamics, self.cost, cfg, horizon=H, seed=self.seed * 1_000_003 + self.iteration)
+        mpc = make_mpc(self.dynamics, self.cost, cfg, horizon=H, seed=self.seed * 1_000_003 + self.iteration,
+                       task=self.task)
         with quiet_convergence_warnings():
             u, info = mpc(x)
         x_hat = self.dynamics(x, u[:, 0])
@@ -396,13 +408,15 @@ class IfOTrainer:
             "loss": float(err.detach().mean()),
             "loss_converged": float(err.detach()[ok].mean()) if n_ok else float("nan"),
             "converged": n_ok / cfg.cost_batch,
+            "solves": cfg.cost_batch,
+            "solves_converged": n_ok,
         }
 
     def imitation_loss(self, x: Tensor, x_next: Tensor, horizon: int | None = None, seed: int = 0) -> float:
         """The cost loss on given expert pairs with a fixed sampler seed (all samples; no gradient)."""
         dtype = _DTYPES[self.config.dtype]
         x, x_next = torch.as_tensor(x, dtype=dtype), torch.as_tensor(x_next, dtype=dtype)
-        mpc = make_mpc(self.dynamics, self.cost, self.config, horizon=horizon, seed=seed)
+        mpc = make_mpc(self.dynamics, self.cost, self.config, horizon=horizon, seed=seed, task=self.task)
         with torch.no_grad(), quiet_convergence_warnings():
             u, _ = mpc(x)
             return float(normalized_error(self.dynamics(x, u[:, 0]), x_next, self.dynamics.out_scale).mean())
@@ -465,7 +479,11 @@ class IfOTrainer:
             "iterations": self.iteration,
             "elapsed_s": self.elapsed,
             "config": self.config.to_dict(),
+            "task": self.task.to_dict(),
             "seed": self.seed,
+            "converged_fraction": [h["converged"] for h in self.history],
+            "mpc_solves": sum(h.get("solves", 0) for h in self.history),
+            "mpc_unconverged": sum(h.get("solves", 0) - h.get("solves_converged", 0) for h in self.history),
             "learned_target": c.target.detach().tolist(),
             "learned_weights": c.weights.detach().tolist(),
             "dyn_loss_final": self.dyn_history[-1] if self.dyn_history else None,
@@ -473,14 +491,30 @@ class IfOTrainer:
         }
 
 
-def load_ifo_models(path: str | Path) -> tuple[MLPDynamics, TargetStateCost, IfOConfig]:
-    """The learned dynamics and cost of an IfO checkpoint (for evaluation / BC)."""
+class IfOModels(NamedTuple):
+    """What an IfO checkpoint holds for its users: the learned modules, the settings and the task."""
+
+    dynamics: MLPDynamics
+    cost: TargetStateCost
+    config: IfOConfig
+    task: Task
+
+
+def load_ifo_checkpoint(path: str | Path) -> IfOModels:
+    """The learned dynamics and cost of an IfO checkpoint of any task, rebuilt from its recorded dims."""
     state = load_checkpoint(path, {"kind": "ifo"})
     cfg = IfOConfig.from_dict(state["config"])
-    dyn, cost = make_dynamics(cfg), make_cost(cfg)
+    task = Task.from_dict(state["task"]) if "task" in state else CARTPOLE  # before issue 15: cart-pole only
+    dyn, cost = make_dynamics(cfg, task), make_cost(cfg, task=task)
     dyn.load_state_dict(state["dynamics"])
     cost.load_state_dict(state["cost"])
-    return dyn, cost, cfg
+    return IfOModels(dyn, cost, cfg, task)
+
+
+def load_ifo_models(path: str | Path) -> tuple[MLPDynamics, TargetStateCost, IfOConfig]:
+    """The learned dynamics and cost of an IfO checkpoint (for evaluation / BC); see
+    :func:`load_ifo_checkpoint` for the task too."""
+    return load_ifo_checkpoint(path)[:3]
 
 
 def with_overrides(cfg: IfOConfig, **overrides: Any) -> IfOConfig:

@@ -85,12 +85,12 @@ def train_bc(
 ) -> dict[str, Any]:
     """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``."""
     from agents.bc import BC_PRESETS, BCTrainer
-    from agents.ifo import load_ifo_models
+    from agents.ifo import load_ifo_checkpoint
     from diffmpc.io import write_results
 
     x, xn, meta = _pairs(dataset)
-    dyn, _, _ = load_ifo_models(_checkpoint(dynamics, "ifo_checkpoint.pt"))
-    trainer = BCTrainer(x, xn, dyn, BC_PRESETS[preset], seed=seed, out=Path(out))
+    dyn, _, _, task = load_ifo_checkpoint(_checkpoint(dynamics, "ifo_checkpoint.pt"))
+    trainer = BCTrainer(x, xn, dyn, BC_PRESETS[preset], seed=seed, out=Path(out), task=task)
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train bc",
@@ -121,10 +121,10 @@ def make_policy(spec: str) -> Any:
         # CEM 200 × 4 on the true model: the sampling budget of MPC_IFT's test-time planner.
         return expert_policy(planner="cem", n_samples=200)
     if kind in ("ifo", "mpc_ift") and path:
-        from agents.ifo import load_ifo_models
+        from agents.ifo import load_ifo_checkpoint
 
-        dyn, cost, cfg = load_ifo_models(_checkpoint(path, "ifo_checkpoint.pt"))
-        return mpc_policy(dyn, cost, cfg)
+        dyn, cost, cfg, task = load_ifo_checkpoint(_checkpoint(path, "ifo_checkpoint.pt"))
+        return mpc_policy(dyn, cost, cfg, task)
     if kind == "bc" and path:
         from agents.bc import load_bc_policy
 

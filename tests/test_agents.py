@@ -14,6 +14,7 @@ import envs
 from agents import MPCPolicy
 from agents.dataset import DatasetError, ExpertDataset, generate_dataset, load_dataset, save_dataset
 from agents.expert import ExpertConfig, SamplingExpert, cartpole_plan_cost, make_env, run_episode
+from agents.mpc_policy import SamplingPlanner
 from diffmpc.cli import main as cli_main
 
 DT = torch.float64
@@ -86,13 +87,16 @@ def test_expert_plan_cost_matches_the_environment_and_is_seeded():
     expert = SamplingExpert(cfg, seed=3)
     env = make_env()
     obs, info = env.reset(seed=5)
-    plan = expert.plan(info["state"])
+    assert isinstance(expert, MPCPolicy) and isinstance(expert.mpc, SamplingPlanner)  # one agent
+    expert.act(info["state"])
+    plan = expert.plan[0]
     assert plan.shape == (10, 1) and bool((plan.abs() <= 1).all())
     total = 0.0
     for t in range(10):  # the plan's predicted cost is what the env charges for it, open loop
         _, _, _, _, step_info = env.step(plan[t].numpy())
         total += step_info["cost"]
-    assert total == pytest.approx(expert.last_cost, rel=1e-6)
+    assert total == pytest.approx(float(expert.last_info.cost[0]), rel=1e-6)
+    assert expert.last_info.converged is None and expert.solves == 0  # sampling: no convergence test
     expert.reset(seed=3)
     a1 = expert.act(info["state"])
     expert.reset(seed=3)
@@ -109,10 +113,11 @@ def test_warm_started_cem_never_returns_a_worse_plan_than_its_warm_start():
     x = np.array([0.0, 0.0, 0.3, 0.0])
     rs = SamplingExpert(ExpertConfig(planner="rs", n_samples=200), seed=0)
     ce = SamplingExpert(ExpertConfig(planner="cem", n_samples=40, n_elites=5, cem_iterations=3), seed=0)
-    plan = rs.plan(x)
-    ce._plan = torch.cat([plan[-1:], plan[:-1]])  # shifting this by one step gives back the RS plan
-    ce.plan(x)
-    assert ce.last_cost <= rs.last_cost
+    rs.act(x)
+    plan = rs.plan
+    ce._plan = torch.cat([plan[:, -1:], plan[:, :-1]], 1)  # shifting this by one step gives back the RS plan
+    ce.act(x)
+    assert float(ce.last_info.cost[0]) <= float(rs.last_info.cost[0])
 
 
 def _tiny(tmp_path, episodes=2, **kw):
@@ -123,7 +128,7 @@ def _tiny(tmp_path, episodes=2, **kw):
 def test_dataset_round_trip_and_clear_errors(tmp_path):
     data = _tiny(tmp_path)
     assert data.states.shape == (2, 41, 4) and data.diagnostic_actions.shape == (2, 40, 1)
-    assert data.meta["seed"] == 7 and data.meta["version"] == 1 and data.meta["expert"]["n_samples"] == 16
+    assert data.meta["seed"] == 7 and data.meta["version"] == 2 and data.meta["expert"]["n_samples"] == 16
     x, y = data.transitions()
     assert x.shape == (80, 4) and np.array_equal(x[1], y[0])
     # the states are the env's: replaying the diagnostic actions from x0 reproduces them
@@ -191,3 +196,98 @@ def test_committed_paper_dataset_loads():
     data = load_dataset(path, expect={"episodes": 100, "steps": 40, "seed": 0, "start_variance": 0.04})
     assert data.meta["expert"]["planner"] == "rs" and data.meta["expert"]["n_samples"] == 1000
     assert np.isfinite(data.states).all() and np.abs(data.diagnostic_actions).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------- any env (issue 15)
+def pendulum_dynamics(x, u):
+    """Pendulum-v1's step in its observation coordinates (cos θ, sin θ, θ̇), batched torch."""
+    th, thdot = torch.atan2(x[:, 1], x[:, 0]), x[:, 2]
+    u = u[:, 0].clamp(-2.0, 2.0)
+    thdot = (thdot + (3 * 10.0 / 2 * torch.sin(th) + 3.0 * u) * 0.05).clamp(-8.0, 8.0)
+    th = th + thdot * 0.05
+    return torch.stack([torch.cos(th), torch.sin(th), thdot], 1)
+
+
+def test_mpc_policy_reads_the_single_action_space_and_rejects_a_batched_one():
+    vec = gym.vector.SyncVectorEnv([lambda: gym.make(envs.MSD_ID) for _ in range(5)])
+    A, B = vec.envs[0].unwrapped.A, vec.envs[0].unwrapped.B
+
+    def make(**kw):
+        return MPCPolicy(dynamics=lambda x, u: envs.msd_dynamics(x, u, A, B), cost=envs.msd_cost, horizon=3,
+                         n_samples=16, seed=0, **kw)
+
+    with pytest.raises(ValueError, match="single_action_space"):
+        make(action_space=vec.action_space)  # the batched (5, 1) space
+    policy = make(env=vec)
+    assert policy.action_space.shape == (1,) and policy.mpc.action_dim == 1
+    obs, _ = vec.reset(seed=0)
+    assert policy.act(obs).shape == (5, 1)
+
+
+def test_mpc_policy_counts_unconverged_plans_and_warns_in_its_own_words():
+    env = gym.make(envs.MSD_ID)
+    policy = msd_policy(env, max_iter=1, tol=1e-14)  # one Newton step cannot reach this tolerance
+    obs, _ = env.reset(seed=0)
+    with pytest.warns(diffmpc_convergence_warning(), match="MPCPolicy: 1 of 1 plans did not meet") as rec:
+        policy.act(obs)
+    assert not any("implicit-function-theorem" in str(w.message) for w in rec)  # no gradient talk in no_grad
+    assert policy.solves == 1 and policy.converged_solves == 0 and policy.converged_fraction == 0.0
+    quiet = msd_policy(env, max_iter=1, tol=1e-14, warn=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.act(obs)
+    assert quiet.solves == 1 and quiet.converged_fraction == 0.0  # silent, but counted
+
+
+def diffmpc_convergence_warning():
+    from diffmpc import ConvergenceWarning
+
+    return ConvergenceWarning
+
+
+def test_task_from_env_and_simulator_errors():
+    from agents.task import CARTPOLE, Task, TaskError, env_simulator, simulator_for
+
+    t = Task.from_env("Pendulum-v1")
+    assert (t.state_dim, t.action_dim, t.u_low, t.u_high, t.angle_dims) == (3, 1, (-2.0,), (2.0,), ())
+    assert Task.from_dict(t.to_dict()) == t
+    with pytest.raises(TaskError, match="pass a simulator"):
+        simulator_for(t)  # Pendulum-v1 cannot be reset to a given state
+    msd = Task.from_env(envs.MSD_ID)
+    sim = env_simulator(envs.MSD_ID)  # our envs can: reset(options={"state": x})
+    x, u = torch.tensor([[0.3, -0.1], [1.0, 0.5]], dtype=DT), torch.tensor([[2.0], [-1.0]], dtype=DT)
+    env = gym.make(envs.MSD_ID).unwrapped
+    want = envs.msd_dynamics(x, u, env.A, env.B)
+    torch.testing.assert_close(sim(x, u), want)
+    assert msd.state_dim == 2 and CARTPOLE.feature_dim == 5
+    with pytest.raises(TaskError, match="angle_dims"):
+        Task(3, 1, (-1.0,), (1.0,), (3,))
+
+
+def test_dataset_of_any_env_from_any_policy(tmp_path):
+    env = gym.make("Pendulum-v1", max_episode_steps=12)
+    policy = MPCPolicy(dynamics=pendulum_dynamics, cost=lambda x, u: 1 - x[:, 0] + 0.1 * x[:, 2] ** 2,
+                       horizon=4, env=env, refine=False, sampler="cem", n_samples=32, cem_iterations=2,
+                       seed=0)
+    data = generate_dataset(tmp_path / "p.npz", episodes=2, seed=3, expert=policy, env=env, progress=False)
+    assert data.states.shape == (2, 13, 3) and data.diagnostic_actions.shape == (2, 12, 1)
+    assert data.meta["state_dim"] == 3 and data.meta["env_id"] == "Pendulum-v1" and data.meta["env_spec"]
+    assert data.meta["expert"]["policy"] == "MPCPolicy"
+    # cost from the reward when there is no info["cost"]: replay the actions
+    env.reset(seed=3)
+    total = sum(-env.step(a.astype(np.float32))[1] for a in data.diagnostic_actions[0])
+    assert total == pytest.approx(data.episode_costs[0], rel=1e-6)
+    x, xn = data.transitions()
+    assert x.shape == (24, 3)
+    with pytest.raises(DatasetError, match="state_dim=3"):
+        load_dataset(tmp_path / "p.npz", expect={"state_dim": 4})
+    with np.load(tmp_path / "p.npz") as z:
+        arrays = dict(z)
+    arrays["meta"] = np.array(json.dumps(dict(json.loads(str(arrays["meta"])), state_dim=4)))
+    np.savez(tmp_path / "q.npz", **arrays)
+    with pytest.raises(DatasetError, match=r"states has shape \(2, 13, 3\) but the metadata"):
+        load_dataset(tmp_path / "q.npz")
+    with pytest.raises(ValueError, match="no default expert"):
+        generate_dataset(tmp_path / "r.npz", episodes=1, env_id="Pendulum-v1", progress=False)

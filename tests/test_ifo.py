@@ -331,3 +331,34 @@ def test_demo_pipeline_writes_table_and_video(tmp_path):
     assert set(res["table"]) == {"expert", "bc", "mpc_ift"}
     for name in ("fig3.mp4", "fig3.gif", "trajectories.png", "table2.md"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_ifo_and_bc_on_another_task_record_it_and_load_back(tmp_path):
+    """A 2-state env without angles (the mass-spring-damper), its env as the simulator: every module is
+    sized from the task, the checkpoints record it and load back without knowing the env."""
+    from agents.bc import load_bc_policy
+    from agents.ifo import load_ifo_checkpoint
+    from agents.task import Task
+
+    task = Task.from_env(envs.MSD_ID)
+    env = gym.make(envs.MSD_ID).unwrapped
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    xn = envs.msd_dynamics(x, -0.3 * x[:, :1] * 10, env.A, env.B)
+    tr = IfOTrainer(x, xn, replace(TINY, iterations=2, warmup_queries=64, warmup_steps=20), seed=0,
+                    out=tmp_path / "ifo", task=task)  # simulator: the env itself, reset to each state
+    summary = tr.run(progress=False)
+    assert summary["task"]["state_dim"] == 2 and len(summary["converged_fraction"]) == 2
+    assert summary["mpc_solves"] == 2 * TINY.cost_batch
+    dyn, cost, cfg, loaded = load_ifo_checkpoint(tmp_path / "ifo" / "ifo_checkpoint.pt")
+    assert loaded == task and dyn.state_dim == 2 and cost.target.shape == (2,)
+    torch.testing.assert_close(dyn(x[:3], x[:3, :1]), tr.dynamics(x[:3], x[:3, :1]))
+    bc = BCTrainer(x, xn, dyn, BC_PRESETS["tiny"], seed=0, out=tmp_path / "bc", task=task)
+    bc.run(progress=False)
+    pol = load_bc_policy(tmp_path / "bc" / "bc_checkpoint.pt")
+    u = pol(torch.randn(5, 2, dtype=torch.float64) * 100).detach()
+    assert u.shape == (5, 1) and bool((u.abs() <= 100 + 1e-9).all()) and float(u.abs().max()) > 1.0
+    policy = mpc_policy(dyn, cost, cfg, loaded)
+    assert policy(x[:4]).shape == (4, 1) and policy.solves == 4
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        IfOTrainer(x[:, :1], xn[:, :1], TINY, task=task)

@@ -1,0 +1,198 @@
+"""What an imitation learner must know about an environment, as plain data (recorded in every checkpoint).
+
+A :class:`Task` holds the state and action dimensions, the action bounds, which state dimensions are
+angles, and (optionally) the env id. The learners build everything dimension-dependent from it: the
+feature map ``φ(x)`` (:class:`diffmpc.nn.AngleFeatures`: each declared angle → ``(sin, cos)``), the learned
+dynamics and cost, the policies, the random simulator queries. Nothing here assumes the cart-pole; the
+cart-pole is :data:`CARTPOLE`.
+
+Declaring angles: ``Task.from_env("diffmpc/CartPoleSwingUp-v0", angle_dims=[2])`` ("dimension 2 is an
+angle"); an observation that already embeds its angle, like ``Pendulum-v1``'s ``(cos θ, sin θ, θ̇)``, has
+none: ``Task.from_env("Pendulum-v1")``.
+
+The simulator query ``F(x (N, n), u (N, m)) -> x' (N, n)`` (a batched torch function) is *not* data: pass
+it to the trainer. :func:`simulator_for` returns the fast batched one for our envs, or steps the env
+itself when it can be set to a state (``reset(options={"state": x})``), and otherwise says to pass one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Task", "TaskError", "CARTPOLE", "simulator_for", "env_simulator", "Simulator"]
+
+Simulator = Callable[[Tensor, Tensor], Tensor]
+
+
+class TaskError(ValueError):
+    """The environment, data or simulator do not fit the task (dimensions, bounds, settable state)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """State/action dimensions, action box and angle dimensions of an environment (see module docstring)."""
+
+    state_dim: int
+    action_dim: int
+    u_low: tuple[float, ...]
+    u_high: tuple[float, ...]
+    angle_dims: tuple[int, ...] = ()
+    env_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_dim < 1 or self.action_dim < 1:
+            raise TaskError(f"state_dim and action_dim must be >= 1, got {self.state_dim}, {self.action_dim}")
+        low = tuple(float(v) for v in np.broadcast_to(self.u_low, (self.action_dim,)))
+        high = tuple(float(v) for v in np.broadcast_to(self.u_high, (self.action_dim,)))
+        if not all(np.isfinite(low + high)) or not all(a < b for a, b in zip(low, high, strict=True)):
+            raise TaskError(f"the action bounds must be finite with u_low < u_high, got {low}, {high}")
+        angles = tuple(int(i) for i in self.angle_dims)
+        if len(set(angles)) != len(angles) or any(not 0 <= i < self.state_dim for i in angles):
+            raise TaskError(f"angle_dims {angles} must be distinct indices in [0, {self.state_dim})")
+        object.__setattr__(self, "u_low", low)
+        object.__setattr__(self, "u_high", high)
+        object.__setattr__(self, "angle_dims", angles)
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of ``φ(x)``: each angle becomes two features."""
+        return self.state_dim + len(self.angle_dims)
+
+    def features(self) -> Any:
+        """The feature map ``φ`` (:class:`diffmpc.nn.AngleFeatures`)."""
+        from diffmpc.nn import AngleFeatures
+
+        return AngleFeatures(self.state_dim, self.angle_dims)
+
+    def bounds(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        return torch.tensor(self.u_low, dtype=dtype), torch.tensor(self.u_high, dtype=dtype)
+
+    def sample_actions(self, n: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+        """``n`` controls uniform in the box ``(n, m)``."""
+        low, high = self.bounds(dtype)
+        return low + (high - low) * torch.rand(n, self.action_dim, generator=generator, dtype=dtype)
+
+    def check_states(self, *arrays: Tensor, what: str = "expert states") -> None:
+        for a in arrays:
+            if a.ndim != 2 or a.shape[1] != self.state_dim:
+                raise TaskError(f"{what} must be (N, {self.state_dim}) arrays (state_dim of the task "
+                                f"{self.env_id or ''}), got shape {tuple(a.shape)}")
+            if not bool(torch.isfinite(a).all()):
+                raise TaskError(f"{what} contain NaN or inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state_dim": self.state_dim, "action_dim": self.action_dim, "u_low": list(self.u_low),
+                "u_high": list(self.u_high), "angle_dims": list(self.angle_dims), "env_id": self.env_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Task:
+        try:
+            return cls(int(d["state_dim"]), int(d["action_dim"]), tuple(d["u_low"]), tuple(d["u_high"]),
+                       tuple(d.get("angle_dims", ())), d.get("env_id"))
+        except (KeyError, TypeError) as err:
+            raise TaskError(f"not a task description: {d!r} ({err})") from err
+
+    @classmethod
+    def from_env(cls, env: Any, angle_dims: Sequence[int] = (), state_dim: int | None = None) -> Task:
+        """The task of a Gymnasium env (an instance, or a registered id): dimensions and bounds from its
+        spaces (a vector env's ``single_*`` spaces). ``state_dim`` overrides the observation size when the
+        recorded state is not the observation (our envs' ``info["state"]``)."""
+        import gymnasium as gym
+
+        own = isinstance(env, str)
+        e = _make(env) if own else env
+        try:
+            obs_space = getattr(e, "single_observation_space", e.observation_space)
+            act_space = getattr(e, "single_action_space", e.action_space)
+            if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+                raise TaskError(f"the env needs a flat continuous Box action space, got {act_space}")
+            if state_dim is None:
+                if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+                    raise TaskError(f"the env needs a flat Box observation space, got {obs_space}")
+                state_dim = int(obs_space.shape[0])
+            spec = getattr(e, "spec", None)
+            env_id = env if own else (spec.id if spec is not None else None)
+            return cls(state_dim, int(act_space.shape[0]), tuple(act_space.low.tolist()),
+                       tuple(act_space.high.tolist()), tuple(angle_dims), env_id)
+        finally:
+            if own:
+                e.close()
+
+
+def _make(env_id: str) -> Any:
+    import gymnasium as gym
+
+    import envs  # noqa: F401 - registers our envs
+
+    return gym.make(env_id)
+
+
+def _cartpole() -> Task:
+    import envs
+
+    return Task(4, 1, (-1.0,), (1.0,), (2,), envs.CARTPOLE_ID)
+
+
+CARTPOLE = _cartpole()
+
+
+def _cartpole_simulator(x: Tensor, u: Tensor) -> Tensor:
+    from envs import cartpole_dynamics
+
+    with torch.no_grad():
+        return cartpole_dynamics(x, u)
+
+
+def env_simulator(env: Any) -> Simulator:
+    """A batched simulator query that steps ``env`` itself: for each row, ``reset(options={"state": x})`` then
+    ``step(u)``; the next state is ``info["state"]`` (else the observation). Slow (one Python step per
+    query) but exact. Raises :class:`TaskError` when the env cannot be set to a state."""
+    e = _make(env) if isinstance(env, str) else env
+    name = e.spec.id if getattr(e, "spec", None) is not None else type(e.unwrapped).__name__
+    probe = None
+    try:
+        _, info = e.reset(seed=0)
+        probe = np.asarray(info.get("state", _), dtype=np.float64)
+        _, info2 = e.reset(options={"state": probe})
+        back = np.asarray(info2.get("state", _), dtype=np.float64)
+        settable = back.shape == probe.shape and np.allclose(back, probe, atol=1e-6)
+    except Exception:  # noqa: BLE001 - any failure means: cannot be set to a state
+        settable = False
+    if not settable:
+        raise TaskError(
+            f"{name} cannot be set to a state (reset(options={{'state': x}}) is not supported), so the "
+            "learner cannot query it at the expert's states; pass a simulator: a batched torch function "
+            "F(x (N, n), u (N, m)) -> x' (N, n)")
+
+    def simulate(x: Tensor, u: Tensor) -> Tensor:
+        out = []
+        for xi, ui in zip(x.detach().cpu().numpy(), u.detach().cpu().numpy(), strict=True):
+            e.reset(options={"state": xi})
+            obs, _, _, _, info = e.step(ui.astype(e.action_space.dtype))
+            out.append(np.asarray(info.get("state", obs), dtype=np.float64))
+        return torch.as_tensor(np.stack(out), dtype=x.dtype, device=x.device)
+
+    return simulate
+
+
+def simulator_for(task: Task, simulator: Simulator | None = None) -> Simulator:
+    """``simulator`` if given; the batched true dynamics for the cart-pole; else :func:`env_simulator` on the
+    task's env (which raises when that env cannot be set to a state)."""
+    if simulator is not None:
+        if not callable(simulator):
+            raise TaskError(f"simulator must be a callable F(x, u) -> x', got {type(simulator).__name__}")
+        return simulator
+    import envs
+
+    if task.env_id == envs.CARTPOLE_ID and task.state_dim == 4:
+        return _cartpole_simulator
+    if task.env_id is None:
+        raise TaskError("the task names no env; pass a simulator: a batched torch function "
+                        "F(x (N, n), u (N, m)) -> x' (N, n)")
+    return env_simulator(task.env_id)
