@@ -115,7 +115,8 @@ class SamplingPlanner:
         else:
             self.generator.manual_seed(int(seed))
 
-    def parameters(self):  # the planner has no learnable parameters (dtype inference in MPCPolicy)
+    def parameters(self):
+        """No learnable parameters (``MPCPolicy`` infers its dtype from them)."""
         return iter(())
 
     @torch.no_grad()
@@ -200,6 +201,7 @@ class MPCPolicy:
 
     @property
     def differentiable(self) -> bool:
+        """True when the planner is an MPC layer (torch actions carry IFT gradients)."""
         return isinstance(self.mpc, MPC)
 
     def reset(self, seed: int | None = None) -> None:
@@ -219,6 +221,7 @@ class MPCPolicy:
         return self.converged_solves / self.solves if self.solves else None
 
     def reset_counts(self) -> None:
+        """Zero :attr:`solves` and :attr:`converged_solves` (e.g. before an evaluation)."""
         self.solves = self.converged_solves = 0
 
     def _warm(self, batch: int, like: Tensor) -> Tensor | None:

@@ -71,6 +71,7 @@ class Task:
         return AngleFeatures(self.state_dim, self.angle_dims)
 
     def bounds(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """``(u_low, u_high)`` as ``(m,)`` tensors."""
         return torch.tensor(self.u_low, dtype=dtype), torch.tensor(self.u_high, dtype=dtype)
 
     def sample_actions(self, n: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
@@ -79,6 +80,7 @@ class Task:
         return low + (high - low) * torch.rand(n, self.action_dim, generator=generator, dtype=dtype)
 
     def check_states(self, *arrays: Tensor, what: str = "expert states") -> None:
+        """Raise :class:`TaskError` unless every array is a finite ``(N, state_dim)`` tensor."""
         for a in arrays:
             if a.ndim != 2 or a.shape[1] != self.state_dim:
                 raise TaskError(f"{what} must be (N, {self.state_dim}) arrays (state_dim of the task "
@@ -87,11 +89,13 @@ class Task:
                 raise TaskError(f"{what} contain NaN or inf")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON / ``weights_only`` checkpoints)."""
         return {"state_dim": self.state_dim, "action_dim": self.action_dim, "u_low": list(self.u_low),
                 "u_high": list(self.u_high), "angle_dims": list(self.angle_dims), "env_id": self.env_id}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
+        """Inverse of :meth:`to_dict`; a malformed entry raises :class:`TaskError`."""
         try:
             return cls(int(d["state_dim"]), int(d["action_dim"]), tuple(d["u_low"]), tuple(d["u_high"]),
                        tuple(d.get("angle_dims", ())), d.get("env_id"))
