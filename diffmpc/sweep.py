@@ -18,7 +18,7 @@
 * **Failures are per run.** An exception in ``run_fn`` (or a crashed Ray worker) marks that run ``failed``
   with its traceback (``run.json`` and ``error.txt``, printed once) and the sweep goes on.
 * **Ctrl-C / SIGTERM** cancel the outstanding runs (Ray tasks are force-cancelled), then ``aggregate`` is
-  rebuilt from the finished runs and the interrupt is re-raised. Finished runs stay intact (their
+  called on the finished runs and the interrupt is re-raised. Finished runs stay intact (their
   ``run.json`` is only ever replaced atomically); an interrupted run has no ``finished`` record and reruns.
 * **Progress**: one tqdm bar over runs; ``ctx.log(loss=...)`` (or :func:`report`) from inside a run shows
   that run's last logged metrics beside the bar. A run's stdout/stderr go to ``out_dir/name/log.txt``.
@@ -280,7 +280,7 @@ def run_sweep(
     out_dir: str | os.PathLike,
     jobs: int = 1,
     address: str | None = None,
-    aggregate: Callable[[dict[str, Any]], Any] | None = None,
+    aggregate: Callable[[SweepResult], Any] | None = None,
     progress: bool = True,
     desc: str = "runs",
     backend: str = "auto",
@@ -294,8 +294,9 @@ def run_sweep(
             ``ctx.log(loss=...)``.
         jobs: concurrent runs (one CPU, one torch thread each) on a local Ray; ignored with ``address``.
         address: an existing Ray cluster (``"auto"``, ``"ray://host:port"``) instead of a local one.
-        aggregate: called with ``{name: results}`` of all finished tasks at the end — also after a failure
-            or an interrupt — its value is returned as ``SweepResult.aggregate``.
+        aggregate: called with the :class:`SweepResult` (``finished`` holds the results of every finished
+            task, ``failed`` the tracebacks) at the end — also after an interrupt — its value is returned as
+            ``SweepResult.aggregate``: rebuild the sweep's table here.
         backend: ``"auto"`` (Ray when installed and ``jobs > 1`` or ``address``), ``"ray"`` or
             ``"sequential"``.
 
@@ -344,7 +345,7 @@ def run_sweep(
             bar.close()
             result.wall_s = time.perf_counter() - t0
             if aggregate is not None:
-                result.aggregate = aggregate(dict(result.finished))
+                result.aggregate = aggregate(result)
             print(result.summary(), file=sys.stderr)
     return result
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import BadArgumentError
 from .io import write_json
-from .sweep import RunContext, Task, add_sweep_arguments, run_sweep
+from .sweep import RunContext, SweepResult, Task, add_sweep_arguments, run_sweep
 
 __all__ = ["expand", "run_command", "register"]
 
@@ -119,11 +119,12 @@ def _cmd_sweep(args: Any) -> int:
     tasks = expand(command, args.seeds, args.grid or [])
     out = Path(args.out)
 
-    def aggregate(finished: dict[str, Any]) -> dict[str, Any]:
+    def aggregate(result: SweepResult) -> dict[str, Any]:
+        finished = result.finished
         data, md = table(finished, args.metric)
         write_json(out / "sweep.json", {"command": ["diffmpc", *command], "seeds": args.seeds,
                                          "grid": args.grid, "finished": sorted(finished),
-                                         "total": len(tasks), **data})
+                                         "total": len(tasks), "failed": sorted(result.failed), **data})
         (out / "sweep.md").write_text(md)
         return data
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from diffmpc.lqr import LQRError, dare, dlqr, is_stabilizable
+from diffmpc.sweep import RunContext, SweepResult, Task, add_sweep_arguments, report, run_sweep
 from envs.mass_spring_damper import X0, msd_cost_matrices, msd_matrices
 
 MODES = ("cg", "dense", "analytic", "lyapunov")
@@ -111,6 +112,7 @@ def train(cfg: ImitationConfig, damping: float, mode: str, progress: bool = True
                 eval_iters.append(it)
                 eval_loss.append(_safe_loss(A_hat, data, xs, us, all_starts, cfg.horizon).tolist())
                 model_loss.append(torch.linalg.matrix_norm(A - A_hat).tolist())
+                report(step=it, imitation_loss=float(np.nanmean(eval_loss[-1])))  # shown by a sweep's bar
         if it == cfg.iterations:
             break
         starts = torch.randint(0, n_starts, (cfg.inits, 1), generator=gen)
@@ -173,38 +175,53 @@ def system_report(damping: float) -> dict[str, Any]:
             "spectral_radius_closed_loop": float(torch.linalg.eigvals(A - B @ K).abs().max())}
 
 
-def run(cfg: ImitationConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """All (damping, mode) runs, atomically checkpointed per run in ``out/results.json`` (resumed)."""
+def _task_config(cfg: ImitationConfig, damping: float, mode: str) -> dict[str, Any]:
+    """One (damping, mode) run's full config: what its run directory is keyed on."""
+    config = json.loads(json.dumps(asdict(cfg)))
+    del config["dampings"], config["modes"]
+    return {**config, "damping": damping, "mode": mode}
+
+
+def run_task(config: dict[str, Any], ctx: RunContext | None = None) -> dict[str, Any]:
+    """One (damping, mode) training run from its :func:`_task_config` (a sweep task; runs in a worker)."""
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    fields = {k: v for k, v in config.items() if k not in ("damping", "mode")}
+    cfg = ImitationConfig(**{**fields, "x0": tuple(fields["x0"])})
+    r = train(cfg, config["damping"], config["mode"], progress=False)
+    print(f"c={config['damping']:g} {config['mode']:9s}: imitation {r['final_imitation_loss_mean']:.3e} ± "
+          f"{r['final_imitation_loss_std']:.1e}, model ‖A−Â‖ {r['final_model_loss_mean']:.2e} ± "
+          f"{r['final_model_loss_std']:.1e}, {r['wall_s']:.1f}s (backward {r['backward_s']:.1f}s)")
+    return r
+
+
+def run(cfg: ImitationConfig, out: str | Path, progress: bool = True, jobs: int = 1,
+        address: str | None = None) -> dict[str, Any]:
+    """All (damping, mode) runs as one sweep (:func:`diffmpc.sweep.run_sweep`: ``jobs`` Ray workers or an
+    existing cluster at ``address``; in-process by default): each run in ``out/runs/c=C_MODE/`` keyed on its
+    full config (finished runs are skipped, so adding a mode or a damping trains only the new runs); the
+    aggregate ``out/results.json`` and the figure are rebuilt from the finished runs, also after Ctrl-C."""
     from diffmpc.io import write_results
 
     out = Path(out)
-    path = out / "results.json"
-    results: dict[str, Any] = {"config": asdict(cfg), "systems": {}, "runs": {}}
-    if path.exists():
-        old = json.loads(path.read_text())
-        free = ("dampings", "modes")  # runs of other dampings/modes with the same settings are reusable
-        same = {k: v for k, v in old.get("config", {}).items() if k not in free}
-        mine = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in free}
-        if same == mine:
-            results["runs"] = old.get("runs", {})
-            results["systems"] = old.get("systems", {})
-    for c in cfg.dampings:
-        results["systems"][f"{c:g}"] = system_report(c)
-        for mode in cfg.modes:
-            key = f"c={c:g}/{mode}"
-            if key in results["runs"]:
-                continue  # resumed
-            results["runs"][key] = train(cfg, c, mode, progress)
-            r = results["runs"][key]
-            print(f"c={c:g} {mode:9s}: imitation {r['final_imitation_loss_mean']:.3e} ± "
-                  f"{r['final_imitation_loss_std']:.1e}, model ‖A−Â‖ {r['final_model_loss_mean']:.2e} ± "
-                  f"{r['final_model_loss_std']:.1e}, {r['wall_s']:.1f}s (backward {r['backward_s']:.1f}s)",
-                  flush=True)
-            write_results(out, results)
-    results["mode_agreement"] = _agreement(results, cfg)
-    results["figure"] = str(plot(results, cfg, out / "lqr_imitation.png"))
-    write_results(out, results)
-    return results
+    keys = {f"c={c:g}_{mode}": (c, mode) for c in cfg.dampings for mode in cfg.modes}
+    tasks = [Task(name, _task_config(cfg, c, mode)) for name, (c, mode) in keys.items()]
+
+    def aggregate(sweep: SweepResult) -> dict[str, Any]:
+        results: dict[str, Any] = {"config": asdict(cfg), "systems": {f"{c:g}": system_report(c)
+                                                                      for c in cfg.dampings}}
+        label = {n: f"c={c:g}/{mode}" for n, (c, mode) in keys.items()}
+        results["runs"] = {label[n]: sweep.finished[n] for n in keys if n in sweep.finished}
+        results["failed_runs"] = {label[n]: tb.strip().splitlines()[-1] if tb.strip() else "failed"
+                                  for n, tb in sweep.failed.items()}
+        results["mode_agreement"] = _agreement(results, cfg)
+        if results["runs"]:
+            results["figure"] = str(plot(results, cfg, out / "lqr_imitation.png"))
+        write_results(out, results)
+        return results
+
+    res = run_sweep(tasks, run_task, out / "runs", jobs=jobs, address=address, progress=progress,
+                    desc="lqr-imitation", aggregate=aggregate)
+    return res.aggregate
 
 
 def _agreement(results: dict, cfg: ImitationConfig) -> dict[str, float]:
@@ -285,6 +302,7 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=ImitationConfig.lr, help="Adam learning rate")
     p.add_argument("--constant-lr", action="store_true", help="no cosine annealing of the step size")
     p.add_argument("--no-progress", action="store_true")
+    add_sweep_arguments(p, "(damping, mode) runs in parallel, one CPU each, on a local Ray")
     p.set_defaults(handler=_main)
 
 
@@ -292,11 +310,11 @@ def _main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     cfg = ImitationConfig(dampings=tuple(args.damping), modes=tuple(args.modes), iterations=args.iterations,
                           inits=args.inits, lr=args.lr, seed=args.seed, cosine=not args.constant_lr)
-    res = run(cfg, args.out, progress=not args.no_progress)
+    res = run(cfg, args.out, progress=not args.no_progress, jobs=args.jobs, address=args.address)
     for c, s in res["systems"].items():
         print(f"c={c}: |eig(A)| = {np.round(s['eig_abs_A'], 6).tolist()}, stabilizable={s['stabilizable']}, "
               f"DARE solvable, ρ(A − BK) = {s['spectral_radius_closed_loop']:.4f}")
     worst = max(res["mode_agreement"].values(), default=float("nan"))
     print(f"max |Â_mode − Â_lyapunov| over modes and dampings: {worst:.2e}")
-    print(f"figure: {res['figure']}\nresults: {Path(args.out) / 'results.json'}")
-    return 0
+    print(f"figure: {res.get('figure')}\nresults: {Path(args.out) / 'results.json'}")
+    return 1 if res["failed_runs"] else 0

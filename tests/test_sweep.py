@@ -42,8 +42,8 @@ def toy_run(config: dict, ctx: sweep.RunContext) -> dict:
     return {"loss": x**2 / 3, "pid": os.getpid(), "name": ctx.name}
 
 
-def total_loss(finished: dict) -> float:
-    return sum(r["loss"] for r in finished.values())
+def total_loss(result: sweep.SweepResult) -> float:
+    return sum(r["loss"] for r in result.finished.values())
 
 
 def test_config_hash_is_canonical_and_checks_json():
@@ -102,7 +102,8 @@ def test_sequential_interrupt_keeps_finished_runs_and_resumes(tmp_path):
              Task("c", {"x": 3.0})]
     seen = {}
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(tasks, toy_run, tmp_path / "out", aggregate=lambda f: seen.update(f), progress=False)
+        run_sweep(tasks, toy_run, tmp_path / "out", aggregate=lambda r: seen.update(r.finished),
+                  progress=False)
     assert sorted(seen) == ["a"]  # the aggregate was rebuilt from the finished run before re-raising
     assert json.loads((tmp_path / "out" / "b" / RUN_FILE).read_text())["status"] == "started"
     assert not (tmp_path / "out" / "c").exists()
