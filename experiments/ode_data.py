@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.integrate import solve_ivp
 
-__all__ = ["Series", "van_der_pol", "spiral", "load_cmu", "CMU_SHA256", "CMU_DEFAULT_PATH", "make_task"]
+__all__ = ["Series", "van_der_pol", "spiral", "load_cmu", "cmu_baselines", "file_sha256", "CMU_SHA256",
+           "CMU_DEFAULT_PATH", "make_task"]
 
 CMU_SHA256 = "105484f138487f10209cce883d26e2e030d10a6df6f10159f4e6e253f9b03b8d"
-CMU_DEFAULT_PATH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mocap35.mat"
+# ``../shared/data/mocap35.mat`` next to the project root; ``$DIFFMPC_CMU_PATH`` overrides (e.g. from a worktree).
+CMU_DEFAULT_PATH = Path(os.environ.get("DIFFMPC_CMU_PATH")
+                        or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mocap35.mat")
 SPIRAL_A = np.array([[-1.0, 2.0], [-2.0, -0.1]])
 
 
@@ -77,7 +81,8 @@ def spiral(A: np.ndarray = SPIRAL_A, dt: float = 0.1, n: int = 300, x0=(2.0, 0.0
     return Series("spiral", t, x, *split)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -98,7 +103,7 @@ def load_cmu(path: str | Path | None = None, sha256: str | None = CMU_SHA256) ->
         raise FileNotFoundError(f"CMU walking data not found at {path.resolve()} (expected the shared "
                                 "mocap35.mat; pass --cmu-path)")
     if sha256 is not None:
-        got = _sha256(path)
+        got = file_sha256(path)
         if got != sha256:
             raise ValueError(f"{path}: sha256 {got} does not match the expected {sha256}; wrong or corrupt "
                              "file")
@@ -125,3 +130,21 @@ def make_task(name: str) -> Series:
     if name == "spiral":
         return spiral()
     raise ValueError(f"unknown generated task {name!r}; choose 'vdp' or 'spiral' (cmu is loaded by load_cmu)")
+
+
+def cmu_baselines(data: dict[str, np.ndarray], observed: int = 3) -> dict[str, float]:
+    """Calibration baselines for the CMU test MSE (frames ``observed``..end, all dims, raw units).
+
+    * ``mean frame (zeros)`` — the data are mean-centred, so predicting zeros is predicting the mean frame;
+    * ``hold last observed frame`` — repeat frame ``observed − 1`` of each test walk;
+    * ``nearest training walk`` — copy the training walk whose first ``observed`` frames are closest
+      (squared distance) to the test walk's, frames ``observed``..end.
+    A model worth reporting beats the first two; the third is what memorising the training set gives.
+    """
+    tr, te = np.asarray(data["Xtr"], float), np.asarray(data["Xtest"], float)
+    target = te[:, observed:]
+    dist = ((te[:, None, :observed] - tr[None, :, :observed]) ** 2).sum(axis=(2, 3))  # (test, train)
+    nearest = tr[dist.argmin(axis=1), observed:]
+    return {"mean frame (zeros)": float((target**2).mean()),
+            "hold last observed frame": float(((target - te[:, observed - 1 : observed]) ** 2).mean()),
+            "nearest training walk": float(((target - nearest) ** 2).mean())}

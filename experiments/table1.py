@@ -1,6 +1,7 @@
 """Table 1 of the paper: test MSE of neural ODEs trained with five integrator / gradient combinations.
 
-``diffmpc table1 --task vdp|spiral|cmu --runs N --out DIR [--preset quick|paper] [--seed S]``
+``diffmpc table1 --task vdp|spiral|cmu --runs N --out DIR [--preset tiny|quick|table1] [--seed S]
+[--methods ...] [--iters N ...] [--publish benchmarks/results]``
 
 Methods (rows of Table 1):
 
@@ -12,32 +13,62 @@ Methods (rows of Table 1):
 ``beuler_ift_cg``      backward Euler, IFT with normal-equation CG (the paper's method)
 =====================  ===============================================================================
 
-**Protocol** (the paper gives no training details, so these are our choices). The vector field is an MLP
-``D → 30 → 30 → D`` with tanh (the "2 layers, hidden 30" of Fig. 2). Van der Pol / spiral: each iteration
-integrates ``batch`` windows of ``window`` steps that start at random training observations (batched
-over windows) and minimises the MSE to the observations; Adam with exponential learning-rate decay and
-gradient clipping. Every ``eval_every`` iterations the model is rolled out from the last training
-observation over the validation part; the best validation model is kept. **Test MSE**: rolled out from
-the last validation observation over the whole test part (106/150 steps of extrapolation), MSE over all
-test points and coordinates. CMU: encoder (first 3 frames → latent 8) – NODE (latent) – decoder (latent
-→ 50), trained on random 3-frame-start windows; test: encode frames 0–2 of each test sequence and
-extrapolate the remaining 297 frames; MSE in the data's units. Run r of every method uses the same seed
-(same initial weights and windows), so the methods are compared pairwise.
+**Presets** (the paper gives no training budget; these are ours, named for what they are):
 
-Every finished (method, run) is written atomically to ``DIR/runs/`` and skipped on restart; a run's
-training state is checkpointed atomically every ``ckpt_every`` iterations and resumed from there.
+* ``tiny`` — a few iterations on tiny windows: CI and tests only, numbers meaningless.
+* ``quick`` — the demo budget (VdP / spiral: 300 iterations of 64 random 5-step windows; CMU: 150
+  iterations of 15-frame windows, far too short to extrapolate a gait — a smoke run, not a result).
+* ``table1`` — the reproduction. VdP: 1500 iterations of 64 × 5-step windows (the budget at which 5 earlier
+  runs reached the paper). Spiral: the ``quick`` budget (it already beats the paper). CMU: the protocol of
+  Yildiz et al. (2019) as read in issue 17 — 200-frame windows at random start offsets of random training
+  walks, batch 16, Adam 3e-3 → 3e-4 (exponential decay), 600 iterations, validation every 50.
+* ``paper`` — deprecated alias of ``table1`` (it was the name of an invented budget; warns).
+
+**Protocol.** The vector field is an MLP ``D → 30 → 30 → D`` with tanh (the "2 layers, hidden 30" of Fig. 2).
+Van der Pol / spiral: each iteration integrates ``batch`` windows of ``window`` steps that start at random
+training observations (batched over windows) and minimises the MSE to the observations; Adam with
+exponential learning-rate decay and gradient clipping. CMU: encoder (first 3 frames → latent 8) – NODE
+(latent) – decoder (latent → 50) on the data as stored (mean-centred joint angles in degrees; the model works
+on the data divided by the global training std, the MSE is reported in raw units); a window's first 3 frames
+are encoded and the window is predicted from its first frame.
+
+**Model selection (the same rule for every method and task):** every ``eval_every`` iterations and after
+the last one, the model is rolled out over the validation part (VdP / spiral: from the last training
+observation; CMU: the 3 validation walks from their first 3 frames); the evaluation with the lowest
+validation MSE is kept (the earliest on a tie). The test MSE of the *final* iterate is recorded as well
+(``final_test_mse``), never used for selection.
+
+**Test MSE.** VdP / spiral: rolled out from the last validation observation over the whole test part (107 /
+150 steps), MSE over all test points and coordinates. CMU: each test walk's frames 0–2 are encoded and frames
+3–299 extrapolated; MSE over frames 3–299 and all 50 dimensions in the data's raw units (ODE²VAE's script
+averages all 300 frames: < 1 % different). Calibration baselines on the same frames are computed by
+:func:`cmu_baselines` and reported beside the results. Run r of every method uses seed ``seed + r`` (same
+initial weights and windows), so the methods are compared pairwise.
+
+**Files.** A job is keyed on its whole config (:class:`Table1Config`: task, preset, every override, base
+seed, sha256 of the data, protocol version); its runs live in ``DIR/runs/<task>-<preset>-<key hash>/``, one
+JSON per finished (method, run) and one checkpoint per unfinished one, each storing the key and refused on
+a mismatch (never mixed). Checkpoints load with ``weights_only=True`` and are validated. Training state is
+checkpointed atomically every ``ckpt_every`` iterations and on Ctrl-C / SIGTERM; rerunning the same command
+skips finished runs and resumes unfinished ones. A per-run lock lets two processes share a job list.
+:func:`run_one` is the per-run entry point (one method, one run index) for parallel dispatchers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import math
 import os
+import signal
 import sys
-import tempfile
+import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +80,11 @@ from diffmpc.implicit import ConvergenceError, ConvergenceWarning
 from diffmpc.nn import ODEFunc
 from diffmpc.ode import odeint
 
-from .ode_data import CMU_DEFAULT_PATH, Series, load_cmu, make_task
+from ._table1_io import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from .ode_data import CMU_DEFAULT_PATH, Series, cmu_baselines, file_sha256, load_cmu, make_task
 
-__all__ = ["METHODS", "PAPER", "Preset", "PRESETS", "ODEFunc", "train_series", "train_cmu", "register", "run"]
+__all__ = ["METHODS", "PAPER", "PROTOCOL", "Preset", "PRESETS", "Table1Config", "ODEFunc", "make_config",
+           "run_one", "train_series", "train_cmu", "register", "run", "markdown"]
 
 METHODS: dict[str, tuple[str, str]] = {
     "dopri5_adjoint": ("dopri5", "adjoint"),
@@ -60,14 +93,20 @@ METHODS: dict[str, tuple[str, str]] = {
     "beuler_ift_dense": ("backward_euler", "dense"),
     "beuler_ift_cg": ("backward_euler", "cg"),
 }
-# The paper's Table 1 value for our method (Bwd Euler IFT CG): mean ± standard error.
+TASKS = ("vdp", "spiral", "cmu")
+# The paper's Table 1 value for our method (Bwd Euler IFT CG): mean ± standard error, and its run counts.
 PAPER = {"vdp": (0.40, 0.06), "spiral": (0.09, 0.01), "cmu": (11.43, 1.27)}
 PAPER_RUNS = {"vdp": 20, "spiral": 20, "cmu": 10}
+# Published CMU walking results quoted by the paper (Yildiz et al. 2019, Table 2), raw units.
+CMU_PUBLISHED = {"DTSBN-S": 34.86, "NeuralODE": 22.49, "ODE²VAE": 10.06, "ODE²VAE-KL": 8.09}
+# Bump when training or evaluation code changes what a run computes: old runs are then never reused.
+PROTOCOL = 2
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Training budget and optimiser settings of one Table 1 run (see ``PRESETS`` / ``CMU_PRESETS``)."""
+    """A training budget: ``iters`` Adam steps on ``batch`` windows of ``window`` steps, learning rate decayed
+    exponentially from ``lr`` to ``lr_final``, validation every ``eval_every`` iterations."""
 
     iters: int
     window: int
@@ -80,15 +119,107 @@ class Preset:
     ckpt_every: int = 50
     clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"preset field {f.name} must be a positive finite number, got {v!r}")
+        if self.window < 1 or self.batch < 1 or self.iters < 1:
+            raise ValueError("preset iters, window and batch must be ≥ 1")
 
-PRESETS = {
-    "quick": Preset(iters=300, window=5, batch=64, lr=1e-2, lr_final=5e-4, eval_every=25),
-    "paper": Preset(iters=600, window=20, batch=16, lr=1e-2, lr_final=5e-4, eval_every=25),
+
+_SERIES_QUICK = Preset(iters=300, window=5, batch=64, lr=1e-2, lr_final=5e-4, eval_every=25)
+PRESETS: dict[str, dict[str, Preset]] = {
+    "tiny": {
+        "vdp": Preset(iters=3, window=3, batch=4, lr=1e-2, lr_final=5e-3, eval_every=1, ckpt_every=1),
+        "spiral": Preset(iters=3, window=3, batch=4, lr=1e-2, lr_final=5e-3, eval_every=1, ckpt_every=1),
+        "cmu": Preset(iters=3, window=6, batch=2, lr=3e-3, lr_final=3e-4, eval_every=1, ckpt_every=1),
+    },
+    "quick": {
+        "vdp": _SERIES_QUICK,
+        "spiral": _SERIES_QUICK,
+        "cmu": Preset(iters=150, window=15, batch=16, lr=5e-3, lr_final=5e-4, eval_every=50),
+    },
+    "table1": {
+        "vdp": replace(_SERIES_QUICK, iters=1500),
+        "spiral": _SERIES_QUICK,
+        "cmu": Preset(iters=600, window=200, batch=16, lr=3e-3, lr_final=3e-4, eval_every=50),
+    },
 }
-CMU_PRESETS = {
-    "quick": Preset(iters=150, window=15, batch=16, lr=5e-3, lr_final=5e-4, eval_every=50, latent=8),
-    "paper": Preset(iters=1000, window=30, batch=16, lr=5e-3, lr_final=2e-4, eval_every=100, latent=8),
-}
+DEPRECATED_PRESETS = {"paper": "table1"}
+
+
+def resolve_preset(name: str, task: str) -> tuple[str, Preset]:
+    """``(canonical name, Preset)`` of preset ``name`` for ``task``; ``paper`` warns and means ``table1``."""
+    if name in DEPRECATED_PRESETS:
+        new = DEPRECATED_PRESETS[name]
+        warnings.warn(f"preset {name!r} is deprecated (it named an invented budget); it now means {new!r}",
+                      DeprecationWarning, stacklevel=2)
+        name = new
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    return name, PRESETS[name][task]
+
+
+@dataclass(frozen=True)
+class Table1Config:
+    """Everything that determines the runs of one Table 1 job; :meth:`key` is what caches are keyed on."""
+
+    task: str
+    preset: str
+    params: Preset
+    seed: int
+    data_sha256: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    data_path: str | None = field(default=None, compare=False)  # where the data was read (not in the key)
+
+    def key(self) -> dict[str, Any]:
+        return {"protocol": PROTOCOL, "task": self.task, "preset": self.preset, "params": asdict(self.params),
+                "overrides": dict(self.overrides), "seed": self.seed, "data_sha256": self.data_sha256}
+
+    def key_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def run_dir(self, out: str | os.PathLike) -> Path:
+        return Path(out) / "runs" / f"{self.task}-{self.preset}-{self.key_hash()}"
+
+
+def series_sha256(series: Series) -> str:
+    """sha256 of a generated series (times, states, split): a change of the generator changes the key."""
+    h = hashlib.sha256()
+    for a in (series.t, series.x, np.array([series.n_train, series.n_val, series.n_test])):
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def make_config(task: str, preset: str = "quick", seed: int = 0, overrides: dict[str, Any] | None = None,
+                cmu_path: str | os.PathLike | None = None) -> Table1Config:
+    """Build the config of a job: preset (+ overrides of its fields) and the sha256 of the data it reads."""
+    name, params = resolve_preset(preset, task)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - {f.name for f in fields(Preset)})
+    if unknown:
+        raise ValueError(f"unknown preset overrides {unknown}; known: {[f.name for f in fields(Preset)]}")
+    params = replace(params, **overrides)
+    if task == "cmu":
+        path = Path(cmu_path) if cmu_path is not None else CMU_DEFAULT_PATH
+        load_cmu(path)  # checks presence, sha256 and keys before any work
+        sha, data_path = file_sha256(path), str(path)
+    else:
+        sha, data_path = series_sha256(make_task(task)), None
+    return Table1Config(task, name, params, int(seed), sha, tuple(sorted(overrides.items())), data_path)
+
+
+def _load_data(config: Table1Config) -> Series | dict[str, np.ndarray]:
+    if config.task != "cmu":
+        data = make_task(config.task)
+        if series_sha256(data) != config.data_sha256:
+            raise CheckpointError(f"the generated {config.task} series differs from the one this job was keyed "
+                                  "on (scipy changed?); start a new job")
+        return data
+    return load_cmu(config.data_path, sha256=config.data_sha256)
 
 
 def integrate(func: nn.Module, method_name: str, y0: Tensor, t: Tensor) -> Tensor:
@@ -97,42 +228,84 @@ def integrate(func: nn.Module, method_name: str, y0: Tensor, t: Tensor) -> Tenso
     return odeint(func, y0, t, method=method, backward=backward, rtol=1e-4, atol=1e-5)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class StopRequest:
+    """Ctrl-C and SIGTERM set :attr:`requested`; the trainer finishes its iteration, saves, and stops.
+
+    A second signal interrupts at once (``KeyboardInterrupt``). Outside the main thread nothing is installed.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+            self.requested = signal.Signals(signum).name
+
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, handler) for s in sigs}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+_CKPT_SCHEMA = {"key": dict, "method": str, "run_index": int, "model": dict, "opt": dict, "sched": dict,
+                "gen": (None,), "it": int, "best": float, "best_it": int, "best_state": (dict, type(None)),
+                "history": list, "train_seconds": float}
 
 
 class _Trainer:
-    """Adam + exp. LR decay + clipping, best-validation model, atomic checkpoint / resume."""
+    """Adam + exp. LR decay + clipping, best-validation model, atomic keyed checkpoint / resume."""
 
-    def __init__(self, modules: nn.Module, preset: Preset, ckpt: Path | None, seed: int):
-        self.m, self.p, self.ckpt = modules, preset, ckpt
+    def __init__(self, modules: nn.Module, preset: Preset, ckpt: Path | None, seed: int,
+                 ident: dict[str, Any] | None = None, stop: StopRequest | None = None):
+        self.m, self.p, self.ckpt, self.ident, self.stop = modules, preset, ckpt, dict(ident or {}), stop
         self.opt = torch.optim.Adam(modules.parameters(), lr=preset.lr)
         gamma = (preset.lr_final / preset.lr) ** (1 / max(1, preset.iters))
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma)
         self.gen = torch.Generator().manual_seed(seed + 7919)
-        self.it, self.best, self.best_state, self.history = 0, math.inf, None, []
+        self.it, self.best, self.best_it, self.best_state, self.history = 0, math.inf, -1, None, []
         self.train_seconds = 0.0
         if ckpt is not None and ckpt.is_file():
-            s = torch.load(ckpt, weights_only=False)
-            self.m.load_state_dict(s["model"])
+            self._resume(ckpt)
+
+    def _resume(self, ckpt: Path) -> None:
+        from ._table1_io import check_state_dict
+
+        s = load_checkpoint(ckpt, expect=self.ident, schema=_CKPT_SCHEMA)
+        check_state_dict(self.m, s["model"], "model", ckpt)
+        if s["best_state"] is not None:
+            check_state_dict(self.m, s["best_state"], "best_state", ckpt)
+        if not 0 <= s["it"] <= self.p.iters:
+            raise CheckpointError(f"{ckpt}: iteration {s['it']} outside 0..{self.p.iters}")
+        try:
             self.opt.load_state_dict(s["opt"])
             self.sched.load_state_dict(s["sched"])
             self.gen.set_state(s["gen"])
-            self.it, self.best, self.best_state = s["it"], s["best"], s["best_state"]
-            self.history, self.train_seconds = s["history"], s["train_seconds"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CheckpointError(f"{ckpt}: optimiser / scheduler / generator state is malformed: {err}") from err
+        self.m.load_state_dict(s["model"])
+        self.it, self.best, self.best_it, self.best_state = s["it"], s["best"], s["best_it"], s["best_state"]
+        self.history, self.train_seconds = s["history"], s["train_seconds"]
 
     def save(self) -> None:
         if self.ckpt is not None:
-            _save_atomic({"model": self.m.state_dict(), "opt": self.opt.state_dict(),
-                          "sched": self.sched.state_dict(), "gen": self.gen.get_state(), "it": self.it,
-                          "best": self.best, "best_state": self.best_state, "history": self.history,
-                          "train_seconds": self.train_seconds}, self.ckpt)
+            save_checkpoint(self.ckpt, {**self.ident, "model": self.m.state_dict(), "opt": self.opt.state_dict(),
+                                        "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+                                        "it": self.it, "best": float(self.best), "best_it": self.best_it,
+                                        "best_state": self.best_state, "history": self.history,
+                                        "train_seconds": float(self.train_seconds)})
 
-    def fit(self, loss_fn, val_fn, progress=None) -> None:
+    def fit(self, loss_fn: Callable, val_fn: Callable, progress: Any = None) -> None:
+        """Train to ``iters``; afterwards the module holds the *final* iterate (see :meth:`load_best`)."""
         while self.it < self.p.iters:
             t0 = time.perf_counter()
             loss = loss_fn(self.gen)
@@ -151,12 +324,17 @@ class _Trainer:
                     val = float(val_fn())
                 self.history.append({"iter": self.it, "loss": loss_value, "val_mse": val})
                 if math.isfinite(val) and val < self.best:
-                    self.best = val
+                    self.best, self.best_it = val, self.it
                     self.best_state = {k: v.clone() for k, v in self.m.state_dict().items()}
                 if progress is not None:
                     progress.set_postfix(it=self.it, loss=f"{loss_value:.3g}", val=f"{val:.3g}")
             if self.it % self.p.ckpt_every == 0:
                 self.save()
+            if self.stop is not None and self.stop.requested:
+                self.save()
+                raise KeyboardInterrupt(f"{self.stop.requested}: saved at iteration {self.it}")
+
+    def load_best(self) -> None:
         if self.best_state is not None:
             self.m.load_state_dict(self.best_state)
 
@@ -166,7 +344,8 @@ def _mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 def train_series(series: Series, method: str, seed: int, preset: Preset, ckpt: Path | None = None,
-                 progress=None) -> dict[str, Any]:
+                 progress: Any = None, ident: dict[str, Any] | None = None,
+                 stop: StopRequest | None = None) -> dict[str, Any]:
     """Train one NODE on a generated series with one method; return its validation and test MSE."""
     torch.manual_seed(seed)
     # The model lives in standardised coordinates z = x / s (per-coordinate std of the training part);
@@ -176,8 +355,10 @@ def train_series(series: Series, method: str, seed: int, preset: Preset, ckpt: P
     t = torch.tensor(series.t, dtype=torch.float32)
     n_tr, n_va = series.n_train, series.n_val
     model = ODEFunc(x.shape[1], preset.hidden)
-    trainer = _Trainer(model, preset, ckpt, seed)
+    trainer = _Trainer(model, preset, ckpt, seed, ident, stop)
     W = preset.window
+    if W >= n_tr:
+        raise ValueError(f"window {W} must be shorter than the training part ({n_tr} points)")
     tw = t[: W + 1] - t[0]
 
     def loss_fn(gen):
@@ -192,10 +373,17 @@ def train_series(series: Series, method: str, seed: int, preset: Preset, ckpt: P
         return _mse(pred[1:, 0] * s, x[i0 + 1 : i0 + n + 1] * s)
 
     trainer.fit(loss_fn, lambda: rollout(n_tr - 1, n_va), progress)
+    return _finish(trainer, lambda: rollout(n_tr + n_va - 1, series.n_test))
+
+
+def _finish(trainer: _Trainer, test_fn: Callable[[], Tensor]) -> dict[str, Any]:
     with torch.no_grad():
-        test = float(rollout(n_tr + n_va - 1, series.n_test))
-    return {"test_mse": test, "best_val_mse": trainer.best, "iters": trainer.it,
-            "train_seconds": trainer.train_seconds, "history": trainer.history}
+        final = float(test_fn())
+        trainer.load_best()
+        test = float(test_fn())
+    return {"test_mse": test, "final_test_mse": final, "best_val_mse": trainer.best,
+            "best_iter": trainer.best_it, "iters": trainer.it, "train_seconds": trainer.train_seconds,
+            "history": trainer.history}
 
 
 class CMUModel(nn.Module):
@@ -216,15 +404,18 @@ class CMUModel(nn.Module):
 
 
 def train_cmu(data: dict[str, np.ndarray], method: str, seed: int, preset: Preset, ckpt: Path | None = None,
-              progress=None, dt: float = 0.1) -> dict[str, Any]:
+              progress: Any = None, dt: float = 0.1, ident: dict[str, Any] | None = None,
+              stop: StopRequest | None = None) -> dict[str, Any]:
     """Train the encoder–NODE–decoder on CMU walking; test = 297-step extrapolation from 3 frames."""
     torch.manual_seed(seed)
     scale = float(data["Xtr"].std())
     tr, va, te = (torch.tensor(data[k] / scale, dtype=torch.float32) for k in ("Xtr", "Xval", "Xtest"))
     n_seq, n_frames, n_feat = tr.shape
     model = CMUModel(n_feat, preset.latent, preset.hidden)
-    trainer = _Trainer(model, preset, ckpt, seed)
     k, W = model.frames, preset.window
+    if not k <= W < n_frames:
+        raise ValueError(f"window {W} must be in [{k}, {n_frames - 1}] for {n_frames}-frame walks")
+    trainer = _Trainer(model, preset, ckpt, seed, ident, stop)
     tw = torch.arange(W + 1, dtype=torch.float32) * dt
 
     def loss_fn(gen):
@@ -239,129 +430,290 @@ def train_cmu(data: dict[str, np.ndarray], method: str, seed: int, preset: Prese
         # As in training, the latent state encoded from frames 0..k-1 is the state at frame 0.
         T = torch.arange(n_frames, dtype=torch.float32) * dt
         pred = model(X[:, :k], T, method).transpose(0, 1)  # (B, n_frames, F)
-        return _mse(pred[:, k:], X[:, k:]) * scale**2  # the 297 extrapolated frames
+        return _mse(pred[:, k:], X[:, k:]) * scale**2  # the 297 extrapolated frames, raw units
 
     trainer.fit(loss_fn, lambda: extrapolation_mse(va), progress)
-    with torch.no_grad():
-        test = float(extrapolation_mse(te))
-    return {"test_mse": test, "best_val_mse": trainer.best, "iters": trainer.it,
-            "train_seconds": trainer.train_seconds, "history": trainer.history}
+    return _finish(trainer, lambda: extrapolation_mse(te))
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+_RESULT_KEYS = ("key", "method", "run_index", "seed", "status")
+
+
+def _run_name(method: str, run_index: int) -> str:
+    return f"{method}_run{run_index:02d}"
+
+
+def read_run(path: Path, config: Table1Config) -> dict[str, Any]:
+    """Read a finished run's JSON, refusing one written under another config (never mixed in)."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable run result: {err}") from err
+    if not isinstance(res, dict) or any(k not in res for k in _RESULT_KEYS):
+        raise CheckpointError(f"{path} is not a Table 1 run result (needs {list(_RESULT_KEYS)}); delete it")
+    if res["key"] != config.key():
+        raise CheckpointError(f"{path} was written for another config ({_key_diff(res['key'], config.key())}); "
+                              "refusing to mix it in — delete it or use another --out")
+    if res["status"] == "ok" and not isinstance(res.get("test_mse"), (int, float)):
+        raise CheckpointError(f"{path}: test_mse missing or not a number")
+    return res
+
+
+def _key_diff(have: Any, want: dict[str, Any]) -> str:
+    if not isinstance(have, dict):
+        return "no key stored"
+    diff = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    return "differs in " + ", ".join(f"{k}: {have.get(k)!r} vs {want.get(k)!r}" for k in diff)
+
+
+@contextlib.contextmanager
+def _run_lock(path: Path) -> Iterator[bool]:
+    """Exclusive per-run lock (``O_EXCL`` file with our pid); yields False if a live process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or "0")
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # stale: its holder died
+                continue
+            except PermissionError:
+                pass
+            yield False
+            return
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def run_one(config: Table1Config, method: str, run_index: int, out: str | os.PathLike,
+            progress: Any = None, stop: StopRequest | None = None) -> dict[str, Any] | None:
+    """Train (or resume, or read back) run ``run_index`` of ``method`` under ``config``; return its result.
+
+    Idempotent: a finished run is read back (after checking its key), an unfinished one resumes from its
+    checkpoint. Returns None when another live process holds the run's lock.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    run_dir = config.run_dir(out)
+    name = _run_name(method, run_index)
+    path, ckpt = run_dir / f"{name}.json", run_dir / f"{name}.ckpt"
+    if path.is_file():
+        return read_run(path, config)
+    with _run_lock(run_dir / f"{name}.lock") as mine:
+        if not mine:
+            return None
+        if path.is_file():  # finished by another process meanwhile
+            return read_run(path, config)
+        data = _load_data(config)
+        seed = config.seed + run_index
+        ident = {"key": config.key(), "method": method, "run_index": run_index}
+        train = train_cmu if config.task == "cmu" else train_series
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            try:
+                res = train(data, method, seed, config.params, ckpt, progress, ident=ident, stop=stop)
+                res["status"] = "ok"
+            except (FloatingPointError, ConvergenceError, AssertionError, RuntimeError) as err:
+                # AssertionError: torchdiffeq's "underflow in dt" on a stiff learned field.
+                res = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        res.update(ident, seed=seed, wall_seconds=time.perf_counter() - t0,
+                   convergence_warnings=sum(issubclass(w.category, ConvergenceWarning) for w in caught))
+        write_json(path, res)
+        ckpt.unlink(missing_ok=True)
+        return res
 
 
 def _summary(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, float)
     if a.size == 0:
-        return {"n": 0, "mean": float("nan"), "se": float("nan")}
+        return {"n": 0, "mean": float("nan"), "se": float("nan"), "median": float("nan")}
     se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")
-    return {"n": int(a.size), "mean": float(a.mean()), "se": se, "median": float(np.median(a))}
+    return {"n": int(a.size), "mean": float(a.mean()), "se": se, "median": float(np.median(a)),
+            "min": float(a.min()), "max": float(a.max())}
 
 
-def run(task: str, runs: int, out: Path, seed: int = 0, preset: str = "quick", methods=None,
-        iters: int | None = None, cmu_path: str | None = None) -> dict[str, Any]:
-    """Run (or resume) Table 1 for one task; write ``results.json`` and ``table1_<task>.md`` under ``out``."""
+def collect(config: Table1Config, out: str | os.PathLike, runs: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every finished run (index < ``runs``) of every method under ``config`` in ``out``."""
+    run_dir = config.run_dir(out)
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    for m in METHODS:
+        for r in range(runs):
+            path = run_dir / f"{_run_name(m, r)}.json"
+            if path.is_file():
+                found.setdefault(m, {})[r] = read_run(path, config)
+    return found
+
+
+def summarise(config: Table1Config, out: str | os.PathLike, runs: int, command: str = "") -> dict[str, Any]:
+    """The results payload of a job from its finished runs (methods in :data:`METHODS` order)."""
+    found = collect(config, out, runs)
+    table, per_run = {}, {}
+    for m, rs in found.items():
+        ok = [rs[r] for r in sorted(rs) if rs[r]["status"] == "ok"]
+        table[m] = {**_summary([x["test_mse"] for x in ok]), "runs_finished": len(rs),
+                    "runs_requested": runs, "failed": len(rs) - len(ok),
+                    "final_iterate": _summary([x["final_test_mse"] for x in ok]),
+                    "train_seconds_mean": float(np.mean([x["train_seconds"] for x in ok])) if ok else float("nan"),
+                    "convergence_warnings": int(sum(x.get("convergence_warnings", 0) for x in rs.values()))}
+        per_run[m] = [{k: v for k, v in rs[r].items() if k not in ("history", "key")} for r in sorted(rs)]
+    payload: dict[str, Any] = {
+        "task": config.task, "preset": config.preset, "seed": config.seed, "runs": runs,
+        "config": config.key(), "key_hash": config.key_hash(), "command": command,
+        "selection_rule": "lowest validation MSE among evaluations every eval_every iterations and the last "
+                          "one (earliest on ties); same for every method",
+        "methods": {m: METHODS[m] for m in table}, "table": table,
+        "paper_ift_cg": {"mean": PAPER[config.task][0], "se": PAPER[config.task][1],
+                         "runs": PAPER_RUNS[config.task]},
+        "per_run": per_run,
+    }
+    cg, dense = found.get("beuler_ift_cg", {}), found.get("beuler_ift_dense", {})
+    both = [r for r in cg if r in dense and cg[r]["status"] == dense[r]["status"] == "ok"]
+    if both:
+        payload["cg_vs_dense_max_rel_diff"] = max(abs(cg[r]["test_mse"] - dense[r]["test_mse"])
+                                                  / abs(dense[r]["test_mse"]) for r in both)
+        payload["cg_vs_dense_runs_compared"] = len(both)
+    if config.task == "cmu":
+        payload["calibration"] = cmu_baselines(_load_data(config))
+        payload["published"] = CMU_PUBLISHED
+    return payload
+
+
+def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str = "quick",
+        methods: list[str] | None = None, iters: int | None = None, cmu_path: str | os.PathLike | None = None,
+        overrides: dict[str, Any] | None = None, publish: str | os.PathLike | None = None,
+        command: str = "", train: bool = True) -> dict[str, Any]:
+    """Run (or resume) Table 1 for one task; write ``results.json`` and ``table1_<task>.md`` under ``out``.
+
+    The summary covers every finished run of the job under ``out`` (methods run by earlier invocations
+    too). With ``publish``, the same two files are also written there as ``table1_<task>.{json,md}``.
+    ``train=False`` only summarises the runs already finished (``--report-only``).
+    """
     from tqdm import tqdm
-
-    from diffmpc.io import write_results
 
     torch.set_num_threads(1)
     methods = list(methods or METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
-    if task not in ("vdp", "spiral", "cmu"):
-        raise ValueError(f"unknown task {task!r}; choose vdp, spiral or cmu")
     if runs < 1:
         raise ValueError(f"--runs must be ≥ 1, got {runs}")
-    p = (CMU_PRESETS if task == "cmu" else PRESETS)[preset]
-    if iters is not None:
-        p = replace(p, iters=iters)
-    data = load_cmu(cmu_path) if task == "cmu" else make_task(task)
-    out = Path(out)
-    run_dir = out / "runs"
-    results: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    t_start = time.perf_counter()
-    jobs = [(r, m) for r in range(runs) for m in methods]
-    bar = tqdm(jobs, desc=f"table1 {task}", unit="run", dynamic_ncols=True)
-    for r, m in bar:
-        name = f"{m}_run{r:02d}"
-        path = run_dir / f"{name}.json"
-        if path.is_file():
-            import json
-
-            results[m][r] = json.loads(path.read_text())
-            continue
-        bar.set_description(f"table1 {task} {name}")
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            try:
-                if task == "cmu":
-                    res = train_cmu(data, m, seed + r, p, run_dir / f"{name}.ckpt", bar)
-                else:
-                    res = train_series(data, m, seed + r, p, run_dir / f"{name}.ckpt", bar)
-                res["status"] = "ok"
-            except (FloatingPointError, ConvergenceError, AssertionError, RuntimeError) as err:
-                # AssertionError: torchdiffeq's "underflow in dt" on a stiff learned field.
-                res = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-        res.update(seed=seed + r, wall_seconds=time.perf_counter() - t0,
-                   convergence_warnings=sum(issubclass(w.category, ConvergenceWarning) for w in caught))
-        write_results(run_dir, res, f"{name}.json")
-        ck = run_dir / f"{name}.ckpt"
-        if ck.is_file():
-            ck.unlink()
-        results[m][r] = res
-    table = {}
-    for m in methods:
-        ok = [results[m][r]["test_mse"] for r in range(runs) if results[m][r].get("status") == "ok"]
-        table[m] = {**_summary(ok), "failed": runs - len(ok),
-                    "train_seconds_mean": float(np.mean([results[m][r].get("train_seconds", np.nan)
-                                                         for r in range(runs)]))}
-    payload = {"task": task, "runs": runs, "seed": seed, "preset": preset, "config": asdict(p),
-               "methods": {m: METHODS[m] for m in methods}, "table": table,
-               "paper_ift_cg": {"mean": PAPER[task][0], "se": PAPER[task][1], "runs": PAPER_RUNS[task]},
-               "wall_seconds_this_invocation": time.perf_counter() - t_start,
-               "per_run": {m: [results[m][r] | {"history": None} for r in range(runs)] for m in methods}}
-    write_results(out, payload)
-    (out / f"table1_{task}.md").write_text(markdown(payload))
+    config = make_config(task, preset, seed, {"iters": iters, **(overrides or {})}, cmu_path)
+    run_dir = config.run_dir(out)
+    key_file = run_dir / "config.json"
+    if key_file.is_file():
+        stored = json.loads(key_file.read_text())
+        if stored != config.key():
+            raise CheckpointError(f"{key_file}: {_key_diff(stored, config.key())}")
+    else:
+        write_json(key_file, config.key())
+    jobs = [(m, r) for m in methods for r in range(runs)] if train else []
+    skipped = 0
+    stop = StopRequest()
+    with stop.installed(), tqdm(jobs, desc=f"table1 {task}", unit="run", dynamic_ncols=True) as bar:
+        for m, r in bar:
+            bar.set_description(f"table1 {task} {_run_name(m, r)}")
+            if run_one(config, m, r, out, bar, stop) is None:
+                skipped += 1
+                bar.write(f"{_run_name(m, r)}: held by another process, skipped")
+    payload = summarise(config, out, runs, command)
+    payload["skipped_busy_this_invocation"] = skipped
+    write_json(Path(out) / "results.json", payload)
+    (Path(out) / f"table1_{task}.md").write_text(markdown(payload))
+    if publish is not None:
+        write_json(Path(publish) / f"table1_{task}.json", payload)
+        (Path(publish) / f"table1_{task}.md").write_text(markdown(payload))
     return payload
 
 
+def _fmt(s: dict[str, Any]) -> str:
+    if not s.get("n"):
+        return "–"
+    se = "–" if not math.isfinite(s["se"]) else f"{s['se']:.2g}"
+    return f"{s['mean']:.3g} ± {se}"
+
+
 def markdown(payload: dict[str, Any]) -> str:
-    task, runs = payload["task"], payload["runs"]
-    lines = [f"Table 1 ({task}): test MSE, mean ± standard error over {runs} runs "
-             f"(preset {payload['preset']}, {payload['config']['iters']} iterations)", "",
-             "| method | test MSE | median | failed | train s/run |", "|---|---|---|---|---|"]
+    """The job's table (test MSE per method, finished runs, selection rule, calibration for CMU)."""
+    task, p = payload["task"], payload["config"]["params"]
+    lines = [f"Table 1 ({task}): test MSE, mean ± standard error over finished runs (preset "
+             f"{payload['preset']}: {p['iters']} iterations of {p['batch']} × {p['window']}-step windows, "
+             f"seed {payload['seed']} + r; key {payload['key_hash']})", "",
+             "| method | test MSE (best val.) | median | runs done / asked | failed | final iterate | "
+             "train s/run |", "|---|---|---|---|---|---|---|"]
     for m, s in payload["table"].items():
-        lines.append(f"| {m} | {s['mean']:.3g} ± {s['se']:.2g} | {s.get('median', float('nan')):.3g} | "
-                     f"{s['failed']} | {s['train_seconds_mean']:.1f} |")
+        lines.append(f"| {m} | {_fmt(s)} | {s['median']:.3g} | {s['runs_finished']} / {s['runs_requested']} | "
+                     f"{s['failed']} | {_fmt(s['final_iterate'])} | {s['train_seconds_mean']:.0f} |")
     pm = payload["paper_ift_cg"]
-    lines.append(f"| paper: Bwd Euler IFT CG ({pm['runs']} runs) | {pm['mean']} ± {pm['se']} | | | |")
+    lines.append(f"| paper: Bwd Euler IFT CG ({pm['runs']} runs) | {pm['mean']} ± {pm['se']} | | | | | |")
+    for name, v in payload.get("calibration", {}).items():
+        lines.append(f"| baseline: {name} | {v:.2f} | | | | | |")
+    lines += ["", f"Selection: {payload['selection_rule']}."]
+    if "cg_vs_dense_max_rel_diff" in payload:
+        lines.append(f"IFT CG vs IFT naive: max relative test-MSE difference "
+                     f"{payload['cg_vs_dense_max_rel_diff']:.2g} over {payload['cg_vs_dense_runs_compared']} "
+                     "paired runs.")
+    if payload.get("command"):
+        lines.append(f"Command: `{payload['command']}`")
     return "\n".join(lines) + "\n"
 
 
 def _handler(args: argparse.Namespace) -> int:
-    if args.task == "cmu":
-        try:
-            load_cmu(args.cmu_path)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"table1 --task cmu: {err}", file=sys.stderr)
-            return 2
-    payload = run(args.task, args.runs, Path(args.out), args.seed, args.preset, args.methods, args.iters,
-                  args.cmu_path)
+    try:
+        config_args = dict(task=args.task, runs=args.runs, out=Path(args.out), seed=args.seed,
+                           preset=args.preset, methods=args.methods, iters=args.iters, cmu_path=args.cmu_path,
+                           overrides={"window": args.window, "batch": args.batch}, publish=args.publish)
+        payload = run(**config_args, command=_command_line(args), train=not args.report_only)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"table1: {err}", file=sys.stderr)
+        return 2
     print(markdown(payload))
     return 0
 
 
-def register(subparsers) -> None:
+def _command_line(args: argparse.Namespace) -> str:
+    parts = ["diffmpc table1", f"--task {args.task}", f"--preset {args.preset}", f"--runs {args.runs}",
+             f"--seed {args.seed}"]
+    if args.report_only:
+        parts.append("--report-only")
+    for flag in ("iters", "window", "batch"):
+        if getattr(args, flag) is not None:
+            parts.append(f"--{flag} {getattr(args, flag)}")
+    if args.methods:
+        parts.append("--methods " + " ".join(args.methods))
+    parts.append(f"--out {args.out}")
+    if args.publish:
+        parts.append(f"--publish {args.publish}")
+    return " ".join(parts)
+
+
+def register(subparsers: Any) -> None:
     """Add the ``table1`` subcommand."""
     p = subparsers.add_parser("table1", help="neural-ODE Table 1 (VdP, spiral, CMU walking)",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=("vdp", "spiral", "cmu"), required=True)
+    p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--runs", type=int, default=3, help="independent runs per method (paper: 20 / 20 / 10)")
     p.add_argument("--out", required=True, help="output folder (results.json, table1_<task>.md, runs/)")
     p.add_argument("--seed", type=int, default=0, help="seed of run 0 (run r uses seed + r)")
-    p.add_argument("--preset", choices=("quick", "paper"), default="quick")
+    p.add_argument("--preset", choices=(*PRESETS, *DEPRECATED_PRESETS), default="quick",
+                   help="tiny (CI), quick (demo), table1 (the reproduction); 'paper' is a deprecated alias")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
     p.add_argument("--iters", type=int, default=None, help="override the preset's training iterations")
-    p.add_argument("--cmu-path", default=str(CMU_DEFAULT_PATH), help="mocap35.mat (sha256-checked)")
+    p.add_argument("--window", type=int, default=None, help="override the preset's window length (steps)")
+    p.add_argument("--batch", type=int, default=None, help="override the preset's windows per iteration")
+    p.add_argument("--cmu-path", default=None, help=f"mocap35.mat (sha256-checked; default {CMU_DEFAULT_PATH} "
+                   "or $DIFFMPC_CMU_PATH)")
+    p.add_argument("--publish", default=None, help="also write table1_<task>.{json,md} into this folder "
+                   "(benchmarks/results for the committed copies)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; summarise the finished runs")
     p.set_defaults(handler=_handler)
