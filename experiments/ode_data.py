@@ -18,7 +18,6 @@ the observation times (dense output is not used: each time is an ``t_eval`` poin
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,14 @@ from pathlib import Path
 import numpy as np
 from scipy.integrate import solve_ivp
 
-__all__ = ["Series", "van_der_pol", "spiral", "load_cmu", "cmu_baselines", "file_sha256", "CMU_SHA256",
+from diffmpc.errors import BadFileError
+from diffmpc.io import file_sha256
+
+__all__ = ["Series", "van_der_pol", "spiral", "load_cmu", "cmu_baselines", "CMU_SHA256",
            "CMU_DEFAULT_PATH", "make_task"]
 
 CMU_SHA256 = "105484f138487f10209cce883d26e2e030d10a6df6f10159f4e6e253f9b03b8d"
-# ``../shared/data/mocap35.mat`` next to the project root; ``$DIFFMPC_CMU_PATH`` overrides (e.g. from a worktree).
+# ``../shared/data/mocap35.mat`` beside the project root; ``$DIFFMPC_CMU_PATH`` overrides it (worktrees).
 CMU_DEFAULT_PATH = Path(os.environ.get("DIFFMPC_CMU_PATH")
                         or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mocap35.mat")
 SPIRAL_A = np.array([[-1.0, 2.0], [-2.0, -0.1]])
@@ -81,20 +83,12 @@ def spiral(A: np.ndarray = SPIRAL_A, dt: float = 0.1, n: int = 300, x0=(2.0, 0.0
     return Series("spiral", t, x, *split)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_cmu(path: str | Path | None = None, sha256: str | None = CMU_SHA256) -> dict[str, np.ndarray]:
     """Load the CMU walking data (``Xtr``, ``Xval``, ``Xtest``; each (n, 300, 50)) from ``mocap35.mat``.
 
-    Raises ``FileNotFoundError`` with where it looked when the file is absent and ``ValueError`` when its
-    sha256 differs from ``sha256`` (pass ``sha256=None`` to skip the check, e.g. for synthetic test files).
+    Raises ``FileNotFoundError`` with where it looked when the file is absent and ``BadFileError`` (a
+    ``ValueError``) when its sha256 differs from ``sha256`` (pass ``sha256=None`` to skip the check, e.g.
+    for synthetic test files) or its structure is wrong.
     """
     from scipy.io import loadmat
 
@@ -105,20 +99,20 @@ def load_cmu(path: str | Path | None = None, sha256: str | None = CMU_SHA256) ->
     if sha256 is not None:
         got = file_sha256(path)
         if got != sha256:
-            raise ValueError(f"{path}: sha256 {got} does not match the expected {sha256}; wrong or corrupt "
+            raise BadFileError(f"{path}: sha256 {got} does not match the expected {sha256}; wrong or corrupt "
                              "file")
     mat = loadmat(str(path))
     out = {}
     for key in ("Xtr", "Xval", "Xtest"):
         if key not in mat:
             found = sorted(k for k in mat if not k.startswith("_"))
-            raise ValueError(f"{path}: key {key!r} missing (found {found})")
+            raise BadFileError(f"{path}: key {key!r} missing (found {found})")
         arr = np.asarray(mat[key], dtype=np.float64)
         if arr.ndim != 3:
-            raise ValueError(f"{path}: {key} should be (sequences, frames, features), got {arr.shape}")
+            raise BadFileError(f"{path}: {key} should be (sequences, frames, features), got {arr.shape}")
         out[key] = arr
     if len({a.shape[1:] for a in out.values()}) != 1:
-        raise ValueError(f"{path}: Xtr/Xval/Xtest frame shapes differ: {[a.shape for a in out.values()]}")
+        raise BadFileError(f"{path}: Xtr/Xval/Xtest frame shapes differ: {[a.shape for a in out.values()]}")
     return out
 
 

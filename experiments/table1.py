@@ -63,7 +63,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -76,15 +75,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffmpc.errors import BadArgumentError, BadFileError
 from diffmpc.implicit import ConvergenceError, ConvergenceWarning
+from diffmpc.io import (
+    CheckpointError,
+    check_state_dict,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from diffmpc.nn import ODEFunc
 from diffmpc.ode import odeint
 
-from ._table1_io import CheckpointError, load_checkpoint, save_checkpoint, write_json
-from .ode_data import CMU_DEFAULT_PATH, Series, cmu_baselines, file_sha256, load_cmu, make_task
+from .ode_data import CMU_DEFAULT_PATH, Series, cmu_baselines, load_cmu, make_task
 
 __all__ = ["METHODS", "PAPER", "PROTOCOL", "Preset", "PRESETS", "Table1Config", "ODEFunc", "make_config",
-           "run_one", "train_series", "train_cmu", "register", "run", "markdown"]
+           "run_one", "train_series", "train_cmu", "cmu_extrapolation_mse", "register", "run", "markdown",
+           "combined_markdown", "publish_combined"]
 
 METHODS: dict[str, tuple[str, str]] = {
     "dopri5_adjoint": ("dopri5", "adjoint"),
@@ -123,9 +131,9 @@ class Preset:
         for f in fields(self):
             v = getattr(self, f.name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"preset field {f.name} must be a positive finite number, got {v!r}")
+                raise BadArgumentError(f"preset field {f.name} must be a positive finite number, got {v!r}")
         if self.window < 1 or self.batch < 1 or self.iters < 1:
-            raise ValueError("preset iters, window and batch must be ≥ 1")
+            raise BadArgumentError("preset iters, window and batch must be ≥ 1")
 
 
 _SERIES_QUICK = Preset(iters=300, window=5, batch=64, lr=1e-2, lr_final=5e-4, eval_every=25)
@@ -157,9 +165,9 @@ def resolve_preset(name: str, task: str) -> tuple[str, Preset]:
                       DeprecationWarning, stacklevel=2)
         name = new
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise BadArgumentError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+        raise BadArgumentError(f"unknown task {task!r}; choose from {TASKS}")
     return name, PRESETS[name][task]
 
 
@@ -201,7 +209,8 @@ def make_config(task: str, preset: str = "quick", seed: int = 0, overrides: dict
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - {f.name for f in fields(Preset)})
     if unknown:
-        raise ValueError(f"unknown preset overrides {unknown}; known: {[f.name for f in fields(Preset)]}")
+        known = [f.name for f in fields(Preset)]
+        raise BadArgumentError(f"unknown preset overrides {unknown}; known: {known}")
     params = replace(params, **overrides)
     if task == "cmu":
         path = Path(cmu_path) if cmu_path is not None else CMU_DEFAULT_PATH
@@ -216,8 +225,8 @@ def _load_data(config: Table1Config) -> Series | dict[str, np.ndarray]:
     if config.task != "cmu":
         data = make_task(config.task)
         if series_sha256(data) != config.data_sha256:
-            raise CheckpointError(f"the generated {config.task} series differs from the one this job was keyed "
-                                  "on (scipy changed?); start a new job")
+            raise CheckpointError(f"the generated {config.task} series differs from the one this job was "
+                                  "keyed on (scipy changed?); start a new job")
         return data
     return load_cmu(config.data_path, sha256=config.data_sha256)
 
@@ -257,7 +266,8 @@ class StopRequest:
                 signal.signal(s, h)
 
 
-_CKPT_SCHEMA = {"key": dict, "method": str, "run_index": int, "model": dict, "opt": dict, "sched": dict,
+_IDENT_SCHEMA = {"key": dict, "method": str, "run_index": int}  # present when a job wrote the checkpoint
+_CKPT_SCHEMA = {"model": dict, "opt": dict, "sched": dict,
                 "gen": (None,), "it": int, "best": float, "best_it": int, "best_state": (dict, type(None)),
                 "history": list, "train_seconds": float}
 
@@ -278,9 +288,8 @@ class _Trainer:
             self._resume(ckpt)
 
     def _resume(self, ckpt: Path) -> None:
-        from ._table1_io import check_state_dict
-
-        s = load_checkpoint(ckpt, expect=self.ident, schema=_CKPT_SCHEMA)
+        schema = {**{k: v for k, v in _IDENT_SCHEMA.items() if k in self.ident}, **_CKPT_SCHEMA}
+        s = load_checkpoint(ckpt, expect=self.ident, schema=schema)
         check_state_dict(self.m, s["model"], "model", ckpt)
         if s["best_state"] is not None:
             check_state_dict(self.m, s["best_state"], "best_state", ckpt)
@@ -291,15 +300,17 @@ class _Trainer:
             self.sched.load_state_dict(s["sched"])
             self.gen.set_state(s["gen"])
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            raise CheckpointError(f"{ckpt}: optimiser / scheduler / generator state is malformed: {err}") from err
+            raise CheckpointError(f"{ckpt}: optimiser / scheduler / generator state is malformed: {err}"
+                                  ) from err
         self.m.load_state_dict(s["model"])
         self.it, self.best, self.best_it, self.best_state = s["it"], s["best"], s["best_it"], s["best_state"]
         self.history, self.train_seconds = s["history"], s["train_seconds"]
 
     def save(self) -> None:
         if self.ckpt is not None:
-            save_checkpoint(self.ckpt, {**self.ident, "model": self.m.state_dict(), "opt": self.opt.state_dict(),
-                                        "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+            save_checkpoint(self.ckpt, {**self.ident, "model": self.m.state_dict(),
+                                        "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                                        "gen": self.gen.get_state(),
                                         "it": self.it, "best": float(self.best), "best_it": self.best_it,
                                         "best_state": self.best_state, "history": self.history,
                                         "train_seconds": float(self.train_seconds)})
@@ -386,6 +397,16 @@ def _finish(trainer: _Trainer, test_fn: Callable[[], Tensor]) -> dict[str, Any]:
             "history": trainer.history}
 
 
+def cmu_extrapolation_mse(pred: Tensor, walks: Tensor, observed: int = 3, scale: float = 1.0) -> Tensor:
+    """The CMU test metric: MSE over frames ``observed``..end and all dimensions, in the data's raw units.
+
+    ``pred`` and ``walks`` are ``(walks, frames, features)`` in units of ``scale`` (the model works on
+    ``data / scale``); the result is multiplied by ``scale²``. Zeros (the mean frame) predicted for the 4 test
+    walks of ``mocap35.mat`` gives 33.67 (pinned by a test).
+    """
+    return _mse(pred[:, observed:], walks[:, observed:]) * scale**2
+
+
 class CMUModel(nn.Module):
     """Encoder (3 frames → latent) – NODE in latent space – decoder (latent → frame), ODE2VAE-like but
     deterministic (paper Appx. D uses the ODE2VAE setting; we keep the encoder–ODE–decoder structure)."""
@@ -430,7 +451,7 @@ def train_cmu(data: dict[str, np.ndarray], method: str, seed: int, preset: Prese
         # As in training, the latent state encoded from frames 0..k-1 is the state at frame 0.
         T = torch.arange(n_frames, dtype=torch.float32) * dt
         pred = model(X[:, :k], T, method).transpose(0, 1)  # (B, n_frames, F)
-        return _mse(pred[:, k:], X[:, k:]) * scale**2  # the 297 extrapolated frames, raw units
+        return cmu_extrapolation_mse(pred, X, k, scale)
 
     trainer.fit(loss_fn, lambda: extrapolation_mse(va), progress)
     return _finish(trainer, lambda: extrapolation_mse(te))
@@ -453,8 +474,9 @@ def read_run(path: Path, config: Table1Config) -> dict[str, Any]:
     if not isinstance(res, dict) or any(k not in res for k in _RESULT_KEYS):
         raise CheckpointError(f"{path} is not a Table 1 run result (needs {list(_RESULT_KEYS)}); delete it")
     if res["key"] != config.key():
-        raise CheckpointError(f"{path} was written for another config ({_key_diff(res['key'], config.key())}); "
-                              "refusing to mix it in — delete it or use another --out")
+        raise CheckpointError(f"{path} was written for another config "
+                              f"({_key_diff(res['key'], config.key())}); refusing to mix it in — delete it "
+                              "or use another --out")
     if res["status"] == "ok" and not isinstance(res.get("test_mse"), (int, float)):
         raise CheckpointError(f"{path}: test_mse missing or not a number")
     return res
@@ -503,7 +525,7 @@ def run_one(config: Table1Config, method: str, run_index: int, out: str | os.Pat
     checkpoint. Returns None when another live process holds the run's lock.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+        raise BadArgumentError(f"unknown method {method!r}; choose from {list(METHODS)}")
     run_dir = config.run_dir(out)
     name = _run_name(method, run_index)
     path, ckpt = run_dir / f"{name}.json", run_dir / f"{name}.ckpt"
@@ -564,12 +586,14 @@ def summarise(config: Table1Config, out: str | os.PathLike, runs: int, command: 
         table[m] = {**_summary([x["test_mse"] for x in ok]), "runs_finished": len(rs),
                     "runs_requested": runs, "failed": len(rs) - len(ok),
                     "final_iterate": _summary([x["final_test_mse"] for x in ok]),
-                    "train_seconds_mean": float(np.mean([x["train_seconds"] for x in ok])) if ok else float("nan"),
+                    "train_seconds_mean": float(np.mean([x["train_seconds"] for x in ok])) if ok
+                    else float("nan"),
                     "convergence_warnings": int(sum(x.get("convergence_warnings", 0) for x in rs.values()))}
         per_run[m] = [{k: v for k, v in rs[r].items() if k not in ("history", "key")} for r in sorted(rs)]
     payload: dict[str, Any] = {
         "task": config.task, "preset": config.preset, "seed": config.seed, "runs": runs,
-        "config": config.key(), "key_hash": config.key_hash(), "command": command,
+        "config": asdict(config.params), "key": config.key(), "key_hash": config.key_hash(),
+        "command": command,
         "selection_rule": "lowest validation MSE among evaluations every eval_every iterations and the last "
                           "one (earliest on ties); same for every method",
         "methods": {m: METHODS[m] for m in table}, "table": table,
@@ -605,9 +629,9 @@ def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str
     methods = list(methods or METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}")
+        raise BadArgumentError(f"unknown methods {bad}; choose from {list(METHODS)}")
     if runs < 1:
-        raise ValueError(f"--runs must be ≥ 1, got {runs}")
+        raise BadArgumentError(f"--runs must be ≥ 1, got {runs}")
     config = make_config(task, preset, seed, {"iters": iters, **(overrides or {})}, cmu_path)
     run_dir = config.run_dir(out)
     key_file = run_dir / "config.json"
@@ -633,6 +657,7 @@ def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str
     if publish is not None:
         write_json(Path(publish) / f"table1_{task}.json", payload)
         (Path(publish) / f"table1_{task}.md").write_text(markdown(payload))
+        publish_combined(publish)
     return payload
 
 
@@ -645,15 +670,16 @@ def _fmt(s: dict[str, Any]) -> str:
 
 def markdown(payload: dict[str, Any]) -> str:
     """The job's table (test MSE per method, finished runs, selection rule, calibration for CMU)."""
-    task, p = payload["task"], payload["config"]["params"]
+    task, p = payload["task"], payload["config"]
     lines = [f"Table 1 ({task}): test MSE, mean ± standard error over finished runs (preset "
              f"{payload['preset']}: {p['iters']} iterations of {p['batch']} × {p['window']}-step windows, "
              f"seed {payload['seed']} + r; key {payload['key_hash']})", "",
              "| method | test MSE (best val.) | median | runs done / asked | failed | final iterate | "
              "train s/run |", "|---|---|---|---|---|---|---|"]
     for m, s in payload["table"].items():
-        lines.append(f"| {m} | {_fmt(s)} | {s['median']:.3g} | {s['runs_finished']} / {s['runs_requested']} | "
-                     f"{s['failed']} | {_fmt(s['final_iterate'])} | {s['train_seconds_mean']:.0f} |")
+        lines.append(f"| {m} | {_fmt(s)} | {s['median']:.3g} | {s['runs_finished']} / "
+                     f"{s['runs_requested']} | {s['failed']} | {_fmt(s['final_iterate'])} | "
+                     f"{s['train_seconds_mean']:.0f} |")
     pm = payload["paper_ift_cg"]
     lines.append(f"| paper: Bwd Euler IFT CG ({pm['runs']} runs) | {pm['mean']} ± {pm['se']} | | | | | |")
     for name, v in payload.get("calibration", {}).items():
@@ -668,15 +694,90 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABELS = {
+    "dopri5_adjoint": "DOPRI5 adj. (torchdiffeq)",
+    "euler_adjoint": "Fwd Euler adj. (torchdiffeq)",
+    "beuler_adjoint": "Bwd Euler adj. (ours)",
+    "beuler_ift_dense": "Bwd Euler IFT naive",
+    "beuler_ift_cg": "**Bwd Euler IFT CG**",
+}
+
+
+def _cell(s: dict[str, Any] | None, runs: int) -> str:
+    if not s or not s.get("n"):
+        return "–"
+    done = s.get("runs_finished", s["n"])
+    se = s.get("se", float("nan"))
+    se = f" ± {se:.2g}" if isinstance(se, float) and math.isfinite(se) else ""
+    return f"{s['mean']:.3g}{se} ({done}/{s.get('runs_requested', runs)})"
+
+
+def combined_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """Table 1 as in the paper (methods × tasks) from the per-task results payloads, with the paper's IFT-CG
+    value, the CMU calibration baselines, and a line per task saying whether IFT CG reaches the paper.
+
+    ``results`` maps task → the payload written by :func:`run` (older payloads without run counts work).
+    """
+    tasks = [t for t in TASKS if t in results]
+    head = []
+    for t in tasks:
+        r = results[t]
+        head.append(f"{t} ({r.get('preset', '?')}, {r['config']['iters']} it.)")
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m, label in LABELS.items():
+        if any(m in results[t]["table"] for t in tasks):
+            cells = [_cell(results[t]["table"].get(m), results[t]["runs"]) for t in tasks]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| paper: Bwd Euler IFT CG | " + " | ".join(
+        f"{PAPER[t][0]} ± {PAPER[t][1]} ({PAPER_RUNS[t]} runs)" for t in tasks) + " |")
+    if "cmu" in results and "calibration" in results["cmu"]:
+        for name, v in results["cmu"]["calibration"].items():
+            lines.append(f"| CMU baseline: {name} | " + " | ".join(
+                f"{v:.2f}" if t == "cmu" else "" for t in tasks) + " |")
+        for name, v in results["cmu"].get("published", {}).items():
+            lines.append(f"| CMU published: {name} | " + " | ".join(
+                f"{v:.2f}" if t == "cmu" else "" for t in tasks) + " |")
+    lines += ["", "Cells: test MSE mean ± standard error (finished runs / runs asked); model selection by "
+              "the lowest validation MSE, the same rule for every method."]
+    for t in tasks:
+        s = results[t]["table"].get("beuler_ift_cg")
+        if not s or not s.get("n"):
+            lines.append(f"- **{t}**: no finished IFT-CG run yet.")
+            continue
+        target, n_paper = PAPER[t][0], PAPER_RUNS[t]
+        verdict = "reaches" if s["mean"] <= target else "does **not** reach"
+        count = "" if s["n"] >= n_paper else f" — only {s['n']} of the paper's {n_paper} runs finished"
+        lines.append(f"- **{t}**: IFT CG {s['mean']:.3g} (median {s['median']:.3g}, {s['n']} runs) {verdict} "
+                     f"the paper's {target}{count}.")
+        if "cg_vs_dense_max_rel_diff" in results[t]:
+            lines.append(f"  IFT naive vs IFT CG on the same seeds: max relative difference "
+                         f"{results[t]['cg_vs_dense_max_rel_diff']:.2g} over "
+                         f"{results[t]['cg_vs_dense_runs_compared']} runs (one gradient, two linear "
+                         "solvers).")
+    cmds = [results[t].get("command") for t in tasks if results[t].get("command")]
+    if cmds:
+        lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in cmds)]
+    return "\n".join(lines) + "\n"
+
+
+def publish_combined(results_dir: str | os.PathLike) -> Path:
+    """Write ``table1.md`` (all tasks) into ``results_dir`` from its ``table1_<task>.json`` files."""
+    results_dir = Path(results_dir)
+    found = {t: json.loads((results_dir / f"table1_{t}.json").read_text()) for t in TASKS
+             if (results_dir / f"table1_{t}.json").is_file()}
+    path = results_dir / "table1.md"
+    path.write_text(combined_markdown(found))
+    return path
+
+
 def _handler(args: argparse.Namespace) -> int:
     try:
         config_args = dict(task=args.task, runs=args.runs, out=Path(args.out), seed=args.seed,
                            preset=args.preset, methods=args.methods, iters=args.iters, cmu_path=args.cmu_path,
                            overrides={"window": args.window, "batch": args.batch}, publish=args.publish)
         payload = run(**config_args, command=_command_line(args), train=not args.report_only)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"table1: {err}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as err:  # the data file: a runtime failure (exit 1) with where we looked
+        raise BadFileError(str(err)) from err
     print(markdown(payload))
     return 0
 
@@ -711,8 +812,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--iters", type=int, default=None, help="override the preset's training iterations")
     p.add_argument("--window", type=int, default=None, help="override the preset's window length (steps)")
     p.add_argument("--batch", type=int, default=None, help="override the preset's windows per iteration")
-    p.add_argument("--cmu-path", default=None, help=f"mocap35.mat (sha256-checked; default {CMU_DEFAULT_PATH} "
-                   "or $DIFFMPC_CMU_PATH)")
+    p.add_argument("--cmu-path", default=None, help="mocap35.mat (sha256-checked; default $DIFFMPC_CMU_PATH "
+                   f"or {CMU_DEFAULT_PATH})")
     p.add_argument("--publish", default=None, help="also write table1_<task>.{json,md} into this folder "
                    "(benchmarks/results for the committed copies)")
     p.add_argument("--report-only", action="store_true", help="train nothing; summarise the finished runs")
