@@ -23,6 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffmpc._checks import check_fields
+from diffmpc.errors import BadArgumentError
+from diffmpc.io import CheckpointError, check_state_dict
+
 from .ifo import normalized_error
 from .task import CARTPOLE, Task
 from .training import load_checkpoint, save_checkpoint
@@ -39,6 +43,11 @@ class BCConfig:
     batch: int = 256
     lr: float = 3e-3
     checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        check_fields(self, ints=("steps", "batch", "checkpoint_every"), positive=("lr",))
+        if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
+            raise BadArgumentError(f"BCConfig.hidden must be layer widths >= 1, got {self.hidden!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,9 +107,12 @@ class BCTrainer:
         seed: int = 0,
         out: str | Path | None = None,
         task: Task | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         self.config = config or BCConfig()
         self.task = task = task or CARTPOLE
+        # What BC was trained on (dataset SHA-256, the learned dynamics' identity): checked on resume.
+        self.provenance = dict(provenance or {})
         p = next(dynamics.parameters())
         self.x = torch.as_tensor(np.asarray(x), dtype=p.dtype)
         self.x_next = torch.as_tensor(np.asarray(x_next), dtype=p.dtype)
@@ -130,6 +142,7 @@ class BCTrainer:
             "config": self.config.to_dict(),
             "task": self.task.to_dict(),
             "seed": self.seed,
+            "provenance": dict(self.provenance),
             "step": self.step,
             "policy": self.policy.state_dict(),
             "opt": self.opt.state_dict(),
@@ -148,7 +161,8 @@ class BCTrainer:
         if path is None or not path.is_file():
             return False
         s = load_checkpoint(path, {"kind": "bc", "config": self.config.to_dict(), "seed": self.seed,
-                                "task": self.task.to_dict()})
+                                "task": self.task.to_dict(), "provenance": self.provenance},
+                            schema=_BC_SCHEMA)
         self.policy.load_state_dict(s["policy"])
         self.opt.load_state_dict(s["opt"])
         self.generator.set_state(s["generator"])
@@ -210,13 +224,22 @@ class BCTrainer:
 
 def load_bc_policy(path: str | Path) -> BCPolicy:
     """The trained policy of a BC checkpoint."""
-    s = load_checkpoint(path, {"kind": "bc"})
-    cfg = BCConfig.from_dict(s["config"])
-    task = Task.from_dict(s["task"]) if "task" in s else CARTPOLE  # before issue 15: cart-pole only
+    s = load_checkpoint(path, {"kind": "bc"}, schema=_BC_SCHEMA)
+    try:
+        cfg = BCConfig.from_dict(s["config"])
+        task = Task.from_dict(s["task"]) if "task" in s else CARTPOLE  # before issue 15: cart-pole only
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: the stored config/task is not valid ({err})") from err
     pol = BCPolicy(cfg.hidden, task)
     state = dict(s["policy"])
     low, high = task.bounds(next(iter(state.values())).dtype)
     state.setdefault("u_mid", (high + low) / 2)  # older checkpoints kept the box as plain floats
     state.setdefault("u_half", (high - low) / 2)
+    check_state_dict(pol, state, "policy", path)
     pol.load_state_dict(state)
     return pol.to(next(iter(s["policy"].values())).dtype)
+
+
+# What a BC checkpoint must hold before any of it is used (diffmpc.io.load_checkpoint validates it).
+_BC_SCHEMA = {"config": dict, "seed": int, "step": int, "policy": dict, "opt": dict, "generator": (None,),
+              "history": list, "elapsed": float}

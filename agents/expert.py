@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffmpc._checks import check_fields
+
 __all__ = ["ExpertConfig", "SamplingExpert", "sampling_expert", "evaluate_expert", "run_episode", "make_env",
            "PLANNERS"]
 
@@ -63,6 +65,7 @@ class ExpertConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.backend not in ("eager", "compile"):
             raise ValueError(f"backend must be 'eager' or 'compile', got {self.backend!r}")
+        check_fields(self, positive=("dt", "cem_init_std"))
 
     @property
     def uses_warm_start(self) -> bool:

@@ -44,6 +44,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffmpc._checks import check_choice, check_fields
+from diffmpc.errors import BadArgumentError
+from diffmpc.io import CheckpointError, check_state_dict
 from diffmpc.mpc import MPC
 from diffmpc.nn import MLPDynamics, TargetStateCost
 
@@ -102,7 +105,8 @@ class IfOConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES or self.eval_dtype not in _DTYPES:
-            raise ValueError(f"dtype and eval_dtype must be one of {sorted(_DTYPES)}")
+            raise BadArgumentError(f"dtype and eval_dtype must be one of {sorted(_DTYPES)}, got "
+                                   f"{self.dtype!r}, {self.eval_dtype!r}")
         positive = (
             "dyn_batch",
             "warmup_queries",
@@ -117,7 +121,14 @@ class IfOConfig:
         )
         bad = [k for k in positive if getattr(self, k) < 1]
         if bad:
-            raise ValueError(f"these settings must be >= 1: {bad}")
+            raise BadArgumentError(f"these settings must be >= 1: {bad}")
+        check_fields(self, ints=positive + ("cem_iterations", "eval_cem_iterations"),
+                     nonneg_ints=("warmup_steps", "dyn_queries_per_iter", "dyn_steps_per_iter",
+                                  "eval_newton_iters"),
+                     positive=("dyn_lr", "cost_lr", "tol"), nonneg=("target_init_std",))
+        check_choice("IfOConfig.sampler", self.sampler, ("cem", "rs", None))
+        if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
+            raise BadArgumentError(f"IfOConfig.hidden must be layer widths >= 1, got {self.hidden!r}")
 
     def horizon_at(self, iteration: int) -> int:
         """The curriculum: ``H = 1`` at iteration 0, growing linearly to ``horizon``."""
@@ -256,6 +267,8 @@ class IfOTrainer:
     simulator: Simulator | None = None
     out: Path | None = None
     task: Task | None = None
+    # What the run was trained on (dataset SHA-256, ...): stored in the checkpoint, must match on resume.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -292,6 +305,7 @@ class IfOTrainer:
             "config": self.config.to_dict(),
             "task": self.task.to_dict(),
             "seed": self.seed,
+            "provenance": dict(self.provenance),
             "iteration": self.iteration,
             "warmed_up": self.warmed_up,
             "dynamics": self.dynamics.state_dict(),
@@ -328,7 +342,8 @@ class IfOTrainer:
             return False
         self.load_state_dict(
             load_checkpoint(path, {"kind": "ifo", "config": self.config.to_dict(), "seed": self.seed,
-                                   "task": self.task.to_dict()})
+                                   "task": self.task.to_dict(), "provenance": dict(self.provenance)},
+                            schema=_IFO_SCHEMA)
         )
         return True
 
@@ -501,11 +516,18 @@ class IfOModels(NamedTuple):
 
 
 def load_ifo_checkpoint(path: str | Path) -> IfOModels:
-    """The learned dynamics and cost of an IfO checkpoint of any task, rebuilt from its recorded dims."""
-    state = load_checkpoint(path, {"kind": "ifo"})
-    cfg = IfOConfig.from_dict(state["config"])
-    task = Task.from_dict(state["task"]) if "task" in state else CARTPOLE  # before issue 15: cart-pole only
+    """The learned dynamics and cost of an IfO checkpoint of any task, rebuilt from its recorded dims.
+
+    Loaded without running code (``weights_only``) and validated (entries, state-dict keys and shapes)."""
+    state = load_checkpoint(path, {"kind": "ifo"}, schema=_IFO_SCHEMA)
+    try:
+        cfg = IfOConfig.from_dict(state["config"])
+        task = Task.from_dict(state["task"]) if "task" in state else CARTPOLE  # before issue 15: cart-pole
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: the stored config/task is not valid ({err})") from err
     dyn, cost = make_dynamics(cfg, task), make_cost(cfg, task=task)
+    check_state_dict(dyn, state["dynamics"], "dynamics", path)
+    check_state_dict(cost, state["cost"], "cost", path)
     dyn.load_state_dict(state["dynamics"])
     cost.load_state_dict(state["cost"])
     return IfOModels(dyn, cost, cfg, task)
@@ -515,6 +537,12 @@ def load_ifo_models(path: str | Path) -> tuple[MLPDynamics, TargetStateCost, IfO
     """The learned dynamics and cost of an IfO checkpoint (for evaluation / BC); see
     :func:`load_ifo_checkpoint` for the task too."""
     return load_ifo_checkpoint(path)[:3]
+
+
+# What an IfO checkpoint must hold before any of it is used (diffmpc.io.load_checkpoint validates it).
+_IFO_SCHEMA = {"config": dict, "seed": int, "iteration": int, "warmed_up": bool, "dynamics": dict,
+               "cost": dict, "dyn_opt": dict, "cost_opt": dict, "generator": (None,), "history": list,
+               "dyn_history": list}
 
 
 def with_overrides(cfg: IfOConfig, **overrides: Any) -> IfOConfig:

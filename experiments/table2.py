@@ -15,12 +15,16 @@ Every step resumes: finished runs are skipped, interrupted trainings continue fr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PAPER_TABLE2", "run_pipeline", "aggregate_runs", "table2_markdown", "register"]
 
@@ -36,6 +40,23 @@ def _pairs(dataset: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]
     data = load_dataset(dataset)
     x, xn = data.transitions()
     return x, xn, data.meta
+
+
+def dataset_identity(dataset: str | Path) -> dict[str, str]:
+    """What a trained run depends on in its dataset: the file's SHA-256 (stored in checkpoints, results)."""
+    from diffmpc.io import file_sha256
+
+    return {"dataset_sha256": file_sha256(dataset)}
+
+
+def dynamics_identity(dynamics: torch.nn.Module) -> str:
+    """SHA-256 of a learned dynamics model's weights: the identity of the ``--dynamics`` BC trains through
+    (independent of the checkpoint file's other contents, e.g. its timing fields)."""
+    h = hashlib.sha256()
+    for k, v in sorted(dynamics.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _variances(which: str) -> dict[str, float]:
@@ -55,18 +76,25 @@ def train_ifo(
     seed: int = 0,
     resume: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Alg. 2 on the dataset's expert pairs; checkpoint and ``results.json`` under ``out``."""
-    from agents.ifo import IFO_PRESETS, IfOTrainer
-    from diffmpc.io import write_results
+    """Alg. 2 on the dataset's expert pairs; checkpoint and ``results.json`` under ``out``.
 
+    A checkpoint already under ``out`` is continued (``resume``) only if it was trained on the same dataset
+    file (SHA-256), config and seed; without ``resume`` it is refused unless ``overwrite``."""
+    from agents.ifo import IFO_PRESETS, IfOTrainer
+    from diffmpc.io import refuse_overwrite, write_results
+
+    refuse_overwrite(Path(out) / "ifo_checkpoint.pt", resume, overwrite)
     x, xn, meta = _pairs(dataset)
-    trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out))
+    trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out),
+                         provenance=dataset_identity(dataset))
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train ifo",
         preset=preset,
         dataset=str(dataset),
+        provenance=trainer.provenance,
         dataset_meta=meta,
         checkpoint=str(trainer.checkpoint_path),
     )
@@ -82,15 +110,22 @@ def train_bc(
     seed: int = 0,
     resume: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``."""
+    """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``.
+
+    The checkpoint records the dataset's SHA-256 and the learned dynamics' identity; resuming with another
+    dataset or another ``dynamics`` is refused, naming what differs."""
     from agents.bc import BC_PRESETS, BCTrainer
     from agents.ifo import load_ifo_checkpoint
-    from diffmpc.io import write_results
+    from diffmpc.io import refuse_overwrite, write_results
 
+    refuse_overwrite(Path(out) / "bc_checkpoint.pt", resume, overwrite)
     x, xn, meta = _pairs(dataset)
     dyn, _, _, task = load_ifo_checkpoint(_checkpoint(dynamics, "ifo_checkpoint.pt"))
-    trainer = BCTrainer(x, xn, dyn, BC_PRESETS[preset], seed=seed, out=Path(out), task=task)
+    provenance = dict(dataset_identity(dataset), dynamics_sha256=dynamics_identity(dyn))
+    trainer = BCTrainer(x, xn, dyn, BC_PRESETS[preset], seed=seed, out=Path(out), task=task,
+                        provenance=provenance)
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train bc",
@@ -98,6 +133,7 @@ def train_bc(
         dataset=str(dataset),
         dataset_meta=meta,
         dynamics=str(dynamics),
+        provenance=provenance,
         checkpoint=str(trainer.checkpoint_path),
     )
     write_results(out, summary)
@@ -171,6 +207,7 @@ def run_one(
         if (
             res.get("preset") == preset
             and res.get("seed") == seed
+            and res.get("provenance") == dataset_identity(dataset)
             and set(res["evaluation"]["expert"]) == set(_variances(variances))
         ):
             return res
@@ -188,6 +225,7 @@ def run_one(
         "seed": seed,
         "preset": preset,
         "dataset": str(dataset),
+        "provenance": dataset_identity(dataset),
         "train_time_s": t_train,
         "wall_time_s": time.perf_counter() - t0,
         "ifo_train_s": ifo["elapsed_s"],
@@ -359,7 +397,8 @@ def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_he
 
 def _cmd_train(args: Any) -> int:
     if args.what == "ifo":
-        s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress)
+        s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
+                      overwrite=args.overwrite)
         print(
             f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
             f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
@@ -370,7 +409,8 @@ def _cmd_train(args: Any) -> int:
                 "train bc needs --dynamics IFO_DIR (the learned model BC maps its controls through)"
             )
         s = train_bc(
-            args.dataset, args.out, args.dynamics, args.preset, args.seed, args.resume, not args.no_progress
+            args.dataset, args.out, args.dynamics, args.preset, args.seed, args.resume, not args.no_progress,
+            overwrite=args.overwrite,
         )
         print(
             f"BC: {s['steps']} steps in {s['elapsed_s']:.0f} s, final loss {s['loss_final']:.4g} "
@@ -442,6 +482,7 @@ def register(subparsers: Any) -> None:
         "--dynamics", help="bc: IfO output dir/checkpoint whose learned dynamics BC trains through"
     )
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint under --out")
+    t.add_argument("--overwrite", action="store_true", help="discard a checkpoint under --out, start afresh")
     _common(t)
     t.set_defaults(handler=_cmd_train)
 

@@ -180,3 +180,157 @@ def test_write_results_is_atomic(tmp_path, monkeypatch):
         write_results(tmp_path, {"a": 2})
     assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left
+
+
+# ------------------------------------------------------------------------------------------- interrupted jobs
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASET = os.path.join(ROOT, "data", "expert_cartpole_rs.npz")
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-reproducible small runs
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    from agents.dataset import load_dataset
+
+    x, xn = load_dataset(DATASET).transitions()
+    return x[:600], xn[:600]
+
+
+def _interrupt(obj, method, at, how):
+    """Make the ``at``-th call of ``obj.method`` be interrupted by Ctrl-C or by a real SIGTERM."""
+    original, calls = getattr(obj, method), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**7):  # the Python-level handler runs at the next bytecode boundary
+                pass
+            raise AssertionError("SIGTERM was not delivered")
+        return original(*args, **kwargs)
+
+    setattr(obj, method, wrapper)
+
+
+def _weights(*modules):
+    return [t.detach().clone() for m in modules for t in m.state_dict().values()]
+
+
+def _assert_bitwise(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("phase", ["ifo-warmup", "ifo-iteration", "bc"])
+def test_interrupt_then_resume_is_bit_exact(pairs, tmp_path, one_thread, how, phase):
+    from dataclasses import replace
+
+    from agents.bc import BC_PRESETS, BCTrainer
+    from agents.ifo import IFO_PRESETS, IfOTrainer
+
+    x, xn = pairs
+    cfg = replace(IFO_PRESETS["tiny"], iterations=4, warmup_steps=60, checkpoint_every=100)
+    bcfg = replace(BC_PRESETS["tiny"], steps=30, checkpoint_every=100)
+    prov = {"dataset_sha256": "d" * 64}
+    if phase.startswith("ifo"):
+        full = IfOTrainer(x, xn, cfg, seed=2)
+        full.run(progress=False)
+        part = IfOTrainer(x, xn, cfg, seed=2, out=tmp_path, provenance=prov)
+        if phase == "ifo-warmup":
+            _interrupt(part, "dynamics_steps", 25, how)  # mid warm-up
+        else:
+            _interrupt(part, "cost_step", 3, how)  # third cost iteration
+        with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+            part.run(progress=False)
+        state = load_checkpoint(tmp_path / "ifo_checkpoint.pt", {"kind": "ifo"})
+        assert state["warmed_up"] == (phase == "ifo-iteration")
+        assert state["iteration"] == (2 if phase == "ifo-iteration" else 0)
+        resumed = IfOTrainer(x, xn, cfg, seed=2, out=tmp_path, provenance=prov)
+        resumed.run(progress=False, resume=True)
+        _assert_bitwise(_weights(full.dynamics, full.cost), _weights(resumed.dynamics, resumed.cost))
+        assert resumed.history == full.history and resumed.dyn_history == full.dyn_history
+    else:
+        base = IfOTrainer(x, xn, replace(cfg, iterations=1), seed=0)
+        base.warmup()
+        full = BCTrainer(x, xn, base.dynamics, bcfg, seed=1)
+        full.run(progress=False)
+        part = BCTrainer(x, xn, base.dynamics, bcfg, seed=1, out=tmp_path, provenance=prov)
+        _interrupt(part.opt, "step", 17, how)
+        with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+            part.run(progress=False)
+        assert load_checkpoint(tmp_path / "bc_checkpoint.pt")["step"] == 16
+        resumed = BCTrainer(x, xn, base.dynamics, bcfg, seed=1, out=tmp_path, provenance=prov)
+        resumed.run(progress=False, resume=True)
+        _assert_bitwise(_weights(full.policy), _weights(resumed.policy))
+        assert resumed.history == full.history
+
+
+def test_cli_sigterm_saves_exits_nonzero_and_resumes_bit_exact(tmp_path, one_thread, monkeypatch, capsys):
+    from agents.ifo import IfOTrainer
+    from diffmpc.cli import main
+
+    out = tmp_path / "ifo"
+    args = ["train", "ifo", "--dataset", DATASET, "--out", str(out), "--preset", "tiny", "--no-progress"]
+    original, calls = IfOTrainer.cost_step, [0]
+
+    def cost_step(self):
+        calls[0] += 1
+        if calls[0] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**7):
+                pass
+        return original(self)
+
+    monkeypatch.setattr(IfOTrainer, "cost_step", cost_step)
+    assert main(args) == 128 + signal.SIGTERM
+    assert "terminated" in capsys.readouterr().err
+    assert load_checkpoint(out / "ifo_checkpoint.pt")["iteration"] == 3
+    monkeypatch.setattr(IfOTrainer, "cost_step", original)
+    # a fresh `train` into that directory would lose the work: refused without --resume / --overwrite
+    assert main(args) == 1
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert main([*args[:5], str(tmp_path / "ref"), *args[6:]]) == 0
+    a = load_checkpoint(out / "ifo_checkpoint.pt")
+    b = load_checkpoint(tmp_path / "ref" / "ifo_checkpoint.pt")
+    _assert_bitwise([*a["dynamics"].values(), *a["cost"].values()],
+                    [*b["dynamics"].values(), *b["cost"].values()])
+    assert a["history"] == b["history"]
+
+
+def test_resume_on_another_dataset_or_dynamics_is_refused(tmp_path, one_thread, monkeypatch):
+    import shutil
+
+    from experiments import table2
+
+    other = tmp_path / "other.npz"
+    shutil.copy(DATASET, other)
+    with open(other, "ab") as fh:  # same arrays, different bytes: another file identity
+        fh.write(b"\0")
+    from dataclasses import replace
+
+    from agents.bc import BC_PRESETS
+    from agents.ifo import IFO_PRESETS
+
+    monkeypatch.setitem(IFO_PRESETS, "tiny", replace(IFO_PRESETS["tiny"], iterations=1, warmup_steps=5))
+    monkeypatch.setitem(BC_PRESETS, "tiny", replace(BC_PRESETS["tiny"], steps=2))
+    table2.train_ifo(DATASET, tmp_path / "ifo", "tiny", progress=False)
+    with pytest.raises(CheckpointError, match=r"differs in dataset_sha256"):
+        table2.train_ifo(other, tmp_path / "ifo", "tiny", progress=False)
+    table2.train_ifo(DATASET, tmp_path / "ifo2", "tiny", seed=5, progress=False)
+    table2.train_bc(DATASET, tmp_path / "bc", tmp_path / "ifo", "tiny", progress=False)
+    with pytest.raises(CheckpointError, match=r"differs in dynamics_sha256"):
+        table2.train_bc(DATASET, tmp_path / "bc", tmp_path / "ifo2", "tiny", progress=False)
+    with pytest.raises(CheckpointError, match=r"differs in dataset_sha256"):
+        table2.train_bc(other, tmp_path / "bc", tmp_path / "ifo", "tiny", progress=False)
