@@ -405,7 +405,9 @@ def _cmd_train(args: Any) -> int:
         )
     else:
         if not args.dynamics:
-            raise SystemExit(
+            from diffmpc.errors import BadArgumentError
+
+            raise BadArgumentError(
                 "train bc needs --dynamics IFO_DIR (the learned model BC maps its controls through)"
             )
         s = train_bc(
