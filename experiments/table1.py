@@ -92,7 +92,8 @@ from .ode_data import CMU_DEFAULT_PATH, Series, cmu_baselines, load_cmu, make_ta
 
 __all__ = ["METHODS", "PAPER", "PROTOCOL", "Preset", "PRESETS", "Table1Config", "ODEFunc", "make_config",
            "run_one", "train_series", "train_cmu", "cmu_extrapolation_mse", "register", "run", "markdown",
-           "combined_markdown", "publish_combined"]
+           "combined_markdown", "publish_combined", "in_progress",
+           "published_name"]
 
 METHODS: dict[str, tuple[str, str]] = {
     "dopri5_adjoint": ("dopri5", "adjoint"),
@@ -607,10 +608,23 @@ def summarise(config: Table1Config, out: str | os.PathLike, runs: int, command: 
         payload["cg_vs_dense_max_rel_diff"] = max(abs(cg[r]["test_mse"] - dense[r]["test_mse"])
                                                   / abs(dense[r]["test_mse"]) for r in both)
         payload["cg_vs_dense_runs_compared"] = len(both)
+    payload["in_progress"] = in_progress(config, out)
     if config.task == "cmu":
         payload["calibration"] = cmu_baselines(_load_data(config))
         payload["published"] = CMU_PUBLISHED
     return payload
+
+
+def in_progress(config: Table1Config, out: str | os.PathLike) -> list[dict[str, Any]]:
+    """Unfinished runs of the job (from their checkpoints, loaded safely and key-checked): iteration reached,
+    best validation MSE so far, training seconds — what a resume continues from."""
+    rows = []
+    for ckpt in sorted(config.run_dir(out).glob("*_run*.ckpt")):
+        s = load_checkpoint(ckpt, expect={"key": config.key()}, schema={**_IDENT_SCHEMA, **_CKPT_SCHEMA})
+        rows.append({"method": s["method"], "run_index": s["run_index"], "iter": s["it"],
+                     "iters": config.params.iters, "best_val_mse": s["best"], "best_iter": s["best_it"],
+                     "train_seconds": s["train_seconds"]})
+    return rows
 
 
 def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str = "quick",
@@ -620,7 +634,8 @@ def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str
     """Run (or resume) Table 1 for one task; write ``results.json`` and ``table1_<task>.md`` under ``out``.
 
     The summary covers every finished run of the job under ``out`` (methods run by earlier invocations
-    too). With ``publish``, the same two files are also written there as ``table1_<task>.{json,md}``.
+    too). With ``publish``, the same two files are also written there as ``table1_<task>.{json,md}`` (the
+    ``table1`` preset; other presets: ``table1_<task>_<preset>``) and ``table1.md`` (all tasks) is rebuilt.
     ``train=False`` only summarises the runs already finished (``--report-only``).
     """
     from tqdm import tqdm
@@ -655,8 +670,9 @@ def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str
     write_json(Path(out) / "results.json", payload)
     (Path(out) / f"table1_{task}.md").write_text(markdown(payload))
     if publish is not None:
-        write_json(Path(publish) / f"table1_{task}.json", payload)
-        (Path(publish) / f"table1_{task}.md").write_text(markdown(payload))
+        name = published_name(task, config.preset)
+        write_json(Path(publish) / f"{name}.json", payload)
+        (Path(publish) / f"{name}.md").write_text(markdown(payload))
         publish_combined(publish)
     return payload
 
@@ -685,6 +701,10 @@ def markdown(payload: dict[str, Any]) -> str:
     for name, v in payload.get("calibration", {}).items():
         lines.append(f"| baseline: {name} | {v:.2f} | | | | | |")
     lines += ["", f"Selection: {payload['selection_rule']}."]
+    for row in payload.get("in_progress", []):
+        lines.append(f"Unfinished: {row['method']} run {row['run_index']} at iteration {row['iter']} / "
+                     f"{row['iters']} (best validation MSE so far {row['best_val_mse']:.3g} at iteration "
+                     f"{row['best_iter']}); rerun the command to resume it.")
     if "cg_vs_dense_max_rel_diff" in payload:
         lines.append(f"IFT CG vs IFT naive: max relative test-MSE difference "
                      f"{payload['cg_vs_dense_max_rel_diff']:.2g} over {payload['cg_vs_dense_runs_compared']} "
@@ -741,6 +761,11 @@ def combined_markdown(results: dict[str, dict[str, Any]]) -> str:
               "the lowest validation MSE, the same rule for every method."]
     for t in tasks:
         s = results[t]["table"].get("beuler_ift_cg")
+        unfinished = [row for row in results[t].get("in_progress", []) if row["method"] == "beuler_ift_cg"]
+        if unfinished:
+            lines.append(f"- **{t}**: IFT-CG runs unfinished (checkpointed, resumable): " + ", ".join(
+                f"run {row['run_index']} at iteration {row['iter']}/{row['iters']} (best validation MSE "
+                f"{row['best_val_mse']:.3g})" for row in unfinished) + ".")
         if not s or not s.get("n"):
             lines.append(f"- **{t}**: no finished IFT-CG run yet.")
             continue
@@ -758,6 +783,11 @@ def combined_markdown(results: dict[str, dict[str, Any]]) -> str:
     if cmds:
         lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in cmds)]
     return "\n".join(lines) + "\n"
+
+
+def published_name(task: str, preset: str) -> str:
+    """``table1_<task>`` for the reproduction preset, ``table1_<task>_<preset>`` for the others."""
+    return f"table1_{task}" if preset == "table1" else f"table1_{task}_{preset}"
 
 
 def publish_combined(results_dir: str | os.PathLike) -> Path:

@@ -268,8 +268,9 @@ def test_table1_cli_writes_results_publishes_and_resumes(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["table"]["beuler_ift_cg"]["n"] == 2 and res["runs"] == 2 and "--iters 2" in res["command"]
     assert res["cg_vs_dense_max_rel_diff"] < 1e-3  # one gradient, two linear solvers
-    assert json.loads((pub / "table1_spiral.json").read_text()) == res
-    assert (pub / "table1_spiral.md").read_text() == (out / "table1_spiral.md").read_text()
+    assert json.loads((pub / "table1_spiral_tiny.json").read_text()) == res
+    assert (pub / "table1_spiral_tiny.md").read_text() == (out / "table1_spiral.md").read_text()
+    assert not (pub / "table1_spiral.json").exists() and (pub / "table1.md").is_file()
     run_file = next((out / "runs").glob("*/beuler_ift_cg_run01.json"))
     stamp = run_file.stat().st_mtime_ns
     assert main(argv) == 0  # everything is done: nothing is retrained
@@ -294,3 +295,18 @@ def test_example_script_runs(tmp_path, capsys):
     spec.loader.exec_module(mod)
     assert mod.main(["--iters", "2", "--window", "3", "--plot", str(tmp_path / "spiral.png")]) == 0
     assert "test extrapolation MSE" in capsys.readouterr().out and (tmp_path / "spiral.png").is_file()
+
+
+def test_interrupted_job_reports_its_unfinished_run_and_resumes(tmp_path):
+    config = make_config("spiral", "tiny", 0)
+    stop = StopRequest()
+    stop.requested = "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        run_one(config, "beuler_ift_cg", 0, tmp_path, stop=stop)
+    assert not (config.run_dir(tmp_path) / "beuler_ift_cg_run00.lock").exists()  # released
+    payload = table1.summarise(config, tmp_path, 1)
+    assert payload["table"] == {} and [(r["method"], r["iter"]) for r in payload["in_progress"]] == [
+        ("beuler_ift_cg", 1)]
+    assert "Unfinished: beuler_ift_cg run 0 at iteration 1 / 3" in table1.markdown(payload)
+    done = run_one(config, "beuler_ift_cg", 0, tmp_path)
+    assert done["iters"] == 3 and table1.summarise(config, tmp_path, 1)["in_progress"] == []
