@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from diffmpc._checks import check_int
 from diffmpc.errors import BadFileError
 
 from .expert import ExpertConfig, make_env, run_episode, sampling_expert
@@ -181,8 +182,7 @@ def generate_dataset(path: str | os.PathLike, episodes: int = 100, seed: int = 0
 
     import envs
 
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    check_int("episodes", episodes, 1)
     own_env = env is None
     if own_env:
         env = make_env(env_id, start_variance)
@@ -206,7 +206,13 @@ def generate_dataset(path: str | os.PathLike, episodes: int = 100, seed: int = 0
         if mismatch:
             raise DatasetError(f"{partial} was made with other settings {mismatch}; delete it or pass "
                                "--no-resume")
+        planned = old.meta.get("episodes_planned")
+        if (planned is not None and planned != episodes) or old.episodes > episodes:
+            raise DatasetError(f"{partial} is an interrupted run of {planned or 'more'} episodes "
+                               f"({old.episodes} done), not episodes={episodes}; rerun with the same "
+                               "--episodes to finish it, or pass --no-resume")
         states, actions, costs = list(old.states), list(old.diagnostic_actions), list(old.episode_costs)
+    partial_meta = dict(meta, episodes_planned=episodes)  # the partial file's own setting, checked above
     bar = tqdm(range(len(states), episodes), desc="dataset trajectories", disable=not progress,
                initial=len(states), total=episodes)
     for i in bar:
@@ -220,7 +226,8 @@ def generate_dataset(path: str | os.PathLike, episodes: int = 100, seed: int = 0
         actions.append(res["actions"])
         costs.append(res["cost"])
         bar.set_postfix(mean_cost=f"{np.mean(costs):.2f}")
-        save_dataset(partial, ExpertDataset(np.stack(states), np.stack(actions), np.asarray(costs), meta))
+        save_dataset(partial, ExpertDataset(np.stack(states), np.stack(actions), np.asarray(costs),
+                                            partial_meta))
     if own_env:
         env.close()
     data = ExpertDataset(np.stack(states), np.stack(actions), np.asarray(costs), meta)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmpc._checks import check_fields
+from diffmpc._checks import check_fields, check_int
 
 __all__ = ["ExpertConfig", "SamplingExpert", "sampling_expert", "evaluate_expert", "run_episode", "make_env",
            "PLANNERS"]
@@ -185,6 +185,7 @@ def evaluate_expert(expert: Any, episodes: int = 50, seed: int = 0, start_varian
     """
     from tqdm import tqdm
 
+    check_int("episodes", episodes, 1)  # the mean cost of zero episodes is NaN, not a result
     own = env is None
     env = make_env(env_id, start_variance) if own else env
     costs, returns, latencies = [], [], []

@@ -56,7 +56,8 @@ from .solvers import jacobian_products
 
 __all__ = [
     "dare", "dlqr", "BACKWARDS", "LQRError", "NotStabilizableError", "NoStabilizingSolutionError",
-    "NotPositiveDefiniteError", "riccati_residual", "stein", "sda", "is_stabilizable", "FORWARDS",
+    "NotPositiveDefiniteError", "IllConditionedError", "riccati_residual", "stein", "sda", "is_stabilizable",
+    "FORWARDS",
 ]
 
 BACKWARDS = ("lyapunov", "cg", "gmres", "dense", "analytic")
@@ -76,6 +77,11 @@ class NoStabilizingSolutionError(LQRError):
 
 class NotPositiveDefiniteError(LQRError):
     """The symmetric part of R is not positive definite."""
+
+
+class IllConditionedError(LQRError):
+    """A stabilising solution exists in exact arithmetic, but the problem is too badly scaled or conditioned
+    (e.g. ‖A‖ ~ 1e8 with ‖B‖ ~ 1, or a near-zero B) for the forward solvers to find it in float64."""
 
 
 def _sym(X: Tensor) -> Tensor:
@@ -208,7 +214,10 @@ def _forward(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, method: str = "sda") ->
     """Batched DARE solve + checks; inputs (N, ...) already symmetrised; computed in float64."""
     A64, B64, Q64, R64 = (t.detach().to(torch.float64) for t in (A, B, Q, R))
     if method == "sda":
-        S, ok = sda(A64, B64, Q64, R64)
+        try:
+            S, ok = sda(A64, B64, Q64, R64)
+        except torch.linalg.LinAlgError:  # a singular I + G_k H_k (e.g. indefinite Q): scipy decides
+            S, ok = torch.empty_like(Q64), torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
     else:
         S, ok = torch.empty_like(Q64), torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
     if not bool(ok.all()):  # scipy for the samples SDA did not solve (it also names what is wrong)
@@ -226,39 +235,80 @@ def _solve_scipy(i: int, A: np.ndarray, B: np.ndarray, Q: np.ndarray, R: np.ndar
         with np.errstate(all="ignore"):
             S = scipy.linalg.solve_discrete_are(A, B, Q, R)
     except (np.linalg.LinAlgError, ValueError) as err:
-        _diagnose(A, B, where, f"scipy.linalg.solve_discrete_are failed: {err}")
+        _diagnose(A, B, where, f"scipy.linalg.solve_discrete_are failed: {err}", Q)
     if not np.isfinite(S).all():
-        _diagnose(A, B, where, "the DARE solver returned NaN/inf")
+        _diagnose(A, B, where, "the DARE solver returned NaN/inf", Q)
     return 0.5 * (S + S.T)
 
 
 def _check_solution(S: Tensor, A: Tensor, B: Tensor, Q: Tensor, R: Tensor) -> None:
     """Stabilising (ρ(A − BK) < 1) and a small residual (1), per sample, in float64."""
-    K = _gain(S, A, B, R)
-    rho = torch.linalg.eigvals(A - B @ K).abs().amax(-1)
+    try:
+        K = _gain(S, A, B, R)
+        rho = torch.linalg.eigvals(A - B @ K).abs().amax(-1)
+        res = torch.linalg.matrix_norm(riccati_residual(S, A, B, Q, R))
+    except torch.linalg.LinAlgError:  # R + BᵀSB singular: S is no DARE solution; find the first culprit
+        G = R + B.transpose(-1, -2) @ S @ B
+        i = int(torch.nonzero(torch.linalg.matrix_rank(G) < G.shape[-1])[0]) if G.numel() else 0
+        _diagnose(A[i].cpu().numpy(), B[i].cpu().numpy(), f" (batch entry {i})", "R + BᵀSB is singular",
+                  Q[i].cpu().numpy())
     bad = ~(rho < 1 - 1e-9)  # also catches NaN
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
         _diagnose(A[i].cpu().numpy(), B[i].cpu().numpy(), f" (batch entry {i})",
-                  f"the solution is not stabilising: ρ(A − BK) = {rho[i].item():.12g} ≥ 1")
-    res = torch.linalg.matrix_norm(riccati_residual(S, A, B, Q, R))
+                  f"the solution is not stabilising: ρ(A − BK) = {rho[i].item():.12g} ≥ 1",
+                  Q[i].cpu().numpy())
     scale = (torch.linalg.matrix_norm(Q) + torch.linalg.matrix_norm(A.transpose(-1, -2) @ S @ A)
              + torch.linalg.matrix_norm(S))
     rel = res / scale.clamp_min(1e-300)
+    if bool((rel > 1e-4).any()) or not bool(torch.isfinite(rel).all()):  # not a solution at all
+        i = int(torch.nonzero(~(rel <= 1e-4))[0])
+        _diagnose(A[i].cpu().numpy(), B[i].cpu().numpy(), f" (batch entry {i})",
+                  f"relative Riccati residual {rel[i].item():.3g}", Q[i].cpu().numpy())
     if bool((rel > 1e-8).any()):
         warnings.warn(f"dare: relative Riccati residual up to {rel.max().item():.3g} (batch entries "
                       f"{torch.nonzero(rel > 1e-8).flatten()[:8].tolist()}); the problem is ill-conditioned "
                       "and gradients may be inaccurate", ConvergenceWarning, stacklevel=5)
 
 
-def _diagnose(A: np.ndarray, B: np.ndarray, where: str, what: str):
-    if not is_stabilizable(A, B):
+def _diagnose(A: np.ndarray, B: np.ndarray, where: str, what: str, Q: np.ndarray | None = None):
+    """Raise the :class:`LQRError` subclass that names why no stabilising solution was found."""
+    na, nb = float(np.linalg.norm(A, 2)), float(np.linalg.norm(B, 2))
+    # Stabilisability is invariant to scaling B, so test it with ‖B‖ = ‖A‖: a merely tiny B is not
+    # "uncontrollable" (that is ill-conditioning, below), only an exactly uncontrollable mode is.
+    if nb == 0 or not is_stabilizable(A, B * (max(na, 1.0) / nb)):
         raise NotStabilizableError(f"(A, B) is not stabilizable{where}: an eigenvalue of A with |λ| ≥ 1 "
                                    f"is uncontrollable (PBH rank test), so no stabilising LQR gain exists "
                                    f"({what})")
+    if Q is not None:
+        q_min = float(np.linalg.eigvalsh(0.5 * (Q + Q.T)).min())
+        if q_min < -1e-12 * max(float(np.linalg.norm(Q, 2)), 1e-300):
+            raise NoStabilizingSolutionError(
+                f"the DARE has no stabilising solution{where}: {what}. Q is indefinite (smallest eigenvalue "
+                f"{q_min:.3g}); the LQR cost needs Q positive semidefinite")
+        if not _unit_circle_observable(A, Q):
+            raise NoStabilizingSolutionError(
+                f"the DARE has no stabilising solution{where}: {what}. (A, B) is stabilizable, but (Q, A) "
+                "has an unobservable mode on the unit circle")
+        raise IllConditionedError(
+            f"the DARE{where} has a stabilising solution in exact arithmetic ((A, B) is stabilizable, Q ⪰ 0 "
+            f"and (Q, A) has no unobservable mode on the unit circle), but it could not be computed in "
+            f"float64 ({what}); ‖A‖ = {na:.3g}, ‖B‖ = {nb:.3g}: rescale the states and inputs")
     raise NoStabilizingSolutionError(f"the DARE has no stabilising solution{where}: {what}. (A, B) is "
                                      "stabilizable, so (Q, A) likely has an unobservable mode on the unit "
                                      "circle")
+
+
+def _unit_circle_observable(A: np.ndarray, Q: np.ndarray, tol: float = 1e-9) -> bool:
+    """PBH test on the unit circle: no eigenvector of A with |λ| = 1 lies in the kernel of Q (Q ⪰ 0)."""
+    n = A.shape[0]
+    scale = max(1.0, float(np.linalg.norm(np.vstack([A, Q]), 2)))
+    for lam in np.linalg.eigvals(A):
+        if abs(abs(lam) - 1) <= tol * max(1.0, abs(lam)) + 1e-7:
+            M = np.vstack([A - lam * np.eye(n), Q.astype(complex)])
+            if np.linalg.svd(M, compute_uv=False)[-1] <= 1e-10 * scale:
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- backward

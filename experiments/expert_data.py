@@ -35,11 +35,25 @@ def config_from_args(args: Any) -> ExpertConfig:
                         backend=args.backend)
 
 
+def _check_plannable(env_id: str) -> None:
+    """The sampling expert plans on the cart-pole's true model: refuse another env before any work."""
+    import envs
+    from diffmpc.errors import BadArgumentError
+
+    if env_id != envs.CARTPOLE_ID:
+        raise BadArgumentError(f"--env {env_id}: the sampling expert plans with the cart-pole's true model "
+                               f"and cannot plan for it; use --env {envs.CARTPOLE_ID}, or an "
+                               "agents.MPCPolicy on a model of that env")
+
+
 def run_expert(args: Any) -> int:
     """``diffmpc expert``: evaluate the sampling expert over ``--episodes`` starts; results in ``--out``."""
     from agents.expert import SamplingExpert, evaluate_expert
+    from diffmpc._checks import check_int
     from diffmpc.io import write_results
 
+    check_int("--episodes", args.episodes, 1)
+    _check_plannable(args.env)
     config = config_from_args(args)
     t0 = time.perf_counter()
     res = evaluate_expert(SamplingExpert(config), episodes=args.episodes, seed=args.seed,
@@ -55,8 +69,10 @@ def run_expert(args: Any) -> int:
 def run_dataset(args: Any) -> int:
     """``diffmpc dataset``: roll expert trajectories into a (resumable) dataset file under ``--out``."""
     from agents.dataset import generate_dataset
+    from diffmpc._checks import check_int
     from diffmpc.io import write_results
 
+    check_int("--episodes", args.episodes, 1)
     config = config_from_args(args)
     out = Path(args.out)
     target = out / args.name

@@ -334,3 +334,40 @@ def test_resume_on_another_dataset_or_dynamics_is_refused(tmp_path, one_thread, 
         table2.train_bc(DATASET, tmp_path / "bc", tmp_path / "ifo2", "tiny", progress=False)
     with pytest.raises(CheckpointError, match=r"differs in dataset_sha256"):
         table2.train_bc(other, tmp_path / "bc", tmp_path / "ifo", "tiny", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ dare
+def _lqr_problem():
+    A = torch.tensor([[1.1, 0.2], [0.0, 0.9]], dtype=torch.float64)
+    B = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    return A, B, torch.eye(2, dtype=torch.float64), torch.eye(1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case, err, match", [
+    # SDA hits a singular matrix; scipy returns an S with a 36 % Riccati residual: refused, cause named
+    ("Q=-I", "NoStabilizingSolutionError", r"Q is indefinite \(smallest eigenvalue -1\)"),
+    ("B*1e-300", "IllConditionedError", r"‖B‖ = 1e-300"),  # stabilizable, but not in float64
+    ("B=0", "NotStabilizableError", r"not stabilizable"),
+    ("A*1e200", "IllConditionedError", r"‖A‖ = 1.\d+e\+200"),
+    ("A*1e30", "IllConditionedError", r"‖A‖ = 1.\d+e\+30"),  # used to return a wrong S
+    ("A*1e8", "IllConditionedError", r"rescale the states"),  # used to blame (Q, A) observability
+    ("Q=0 on the unit circle", "NoStabilizingSolutionError", r"unobservable mode on the unit circle"),
+])
+def test_dare_failures_map_to_the_right_lqr_error(case, err, match):
+    import diffmpc.lqr as lqr
+
+    A, B, Q, R = _lqr_problem()
+    if case == "Q=-I":
+        Q = -Q
+    elif case == "B*1e-300":
+        B = B * 1e-300
+    elif case == "B=0":
+        B = B * 0
+    elif case.startswith("A*"):
+        A = A * float(case[2:])
+    else:
+        A = B = R = torch.ones(1, 1, dtype=torch.float64)  # scipy silently returns S = 0 here
+        Q = torch.zeros(1, 1, dtype=torch.float64)
+    with pytest.raises(getattr(lqr, err), match=match):
+        lqr.dare(A, B, Q, R)
+    assert issubclass(getattr(lqr, err), lqr.LQRError)
