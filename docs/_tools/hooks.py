@@ -168,7 +168,20 @@ def fig2_full() -> str:
             + f"Status: {data.get('status', '')}\n\n" + _source(path))
 
 
+def kepler() -> str:
+    """Fig. 1: the learned eccentricity and the layer's dE/de against the closed form."""
+    path = FIGURES / "kepler_results.json"
+    data = _load(path)
+    cfg = data["config"]
+    rows = [{"true e": cfg["true_e"], "initial e": cfg["init_e"], "learned e": f"{data['learned_e']:.6f}",
+             "Adam steps": cfg["steps"], "final loss": data["final_loss"],
+             f"max |dE/de − closed form| ({cfg['grid']}×{cfg['grid']} grid)":
+                 data["max_abs_error_dE_de_vs_closed_form"], "train s": data["train_seconds"]}]
+    return rows_table(rows) + "\n" + _source(path, data.get("command"))
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "kepler": kepler,
     "table1": table1,
     "table1_iters1500": table1_iters1500,
     "table2": table2,
