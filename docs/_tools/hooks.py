@@ -77,47 +77,28 @@ def bench(name: str) -> str:
     return rows_table(data["rows"]) + "\n" + _source(path, data.get("meta", {}).get("command"))
 
 
-TABLE1_LABELS = {
-    "dopri5_adjoint": "DOPRI5 adj. (torchdiffeq)",
-    "euler_adjoint": "Fwd Euler adj. (torchdiffeq)",
-    "beuler_adjoint": "Bwd Euler adj. (ours)",
-    "beuler_ift_dense": "Bwd Euler IFT naive",
-    "beuler_ift_cg": "**Bwd Euler IFT CG**",
-}
-
-
 def table1() -> str:
-    """Table 1: test MSE (mean ± s.e.) per method and task from ``benchmarks/results/table1_<task>.json``."""
-    tasks = {"vdp": "VdP", "spiral": "Spiral", "cmu": "CMU"}
-    data = {t: _load(RESULTS / f"table1_{t}.json") for t in tasks}
-    head = [f"{label} ({data[t]['runs']} runs, {data[t]['config']['iters']} it.)"
-            for t, label in tasks.items()]
-    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(tasks) + 1) + "|"]
-    methods = [m for m in TABLE1_LABELS if any(m in d["table"] for d in data.values())]
-    for m in methods:
-        cells = []
-        for t in tasks:
-            s = data[t]["table"].get(m)
-            cells.append("–" if s is None else f"{s['mean']:.3g} ± {_fmt(s['se'])}" if s["n"] > 1
-                         else f"{s['mean']:.3g}")
-        lines.append(f"| {TABLE1_LABELS[m]} | " + " | ".join(cells) + " |")
-    paper = [data[t]["paper_ift_cg"] for t in tasks]
-    lines.append("| paper: Bwd Euler IFT CG (" + " / ".join(str(p["runs"]) for p in paper) + " runs) | "
-                 + " | ".join(f"{p['mean']} ± {p['se']}" for p in paper) + " |")
-    failed = {t: sum(s["failed"] for s in data[t]["table"].values()) for t in tasks}
-    foot = ", ".join(f"{tasks[t]} {n}" for t, n in failed.items())
-    return ("\n".join(lines) + f"\n\nFailed runs: {foot}.\n\n"
-            + "\n".join(_source(RESULTS / f"table1_{t}.json") for t in tasks))
+    """Table 1 (methods × tasks) from ``benchmarks/results/table1_<task>.json``, rendered by the experiment's
+    own :func:`experiments.table1.combined_markdown` (one place knows the payload's layout)."""
+    from experiments.table1 import TASKS, combined_markdown
+
+    paths = {t: RESULTS / f"table1_{t}.json" for t in TASKS if (RESULTS / f"table1_{t}.json").is_file()}
+    if not paths:
+        raise ResultsError("no benchmarks/results/table1_<task>.json (diffmpc table1 ... --publish)")
+    md = combined_markdown({t: _load(p) for t, p in paths.items()})
+    return md + "\n" + "\n".join(_source(p) for p in paths.values())
 
 
 def table1_iters1500() -> str:
     """VdP with 1500 iterations: test MSE per seed, mean ± s.e. and median per method."""
+    from experiments.table1 import LABELS
+
     path = RESULTS / "table1_vdp_iters1500.json"
     data = _load(path)
     lines = ["| method | runs | mean ± s.e. | median | per seed |", "|---|---|---|---|---|"]
     for m, s in data["per_method"].items():
         seeds = ", ".join(f"{v:.3g}" for v in s["per_seed"].values())
-        lines.append(f"| {TABLE1_LABELS.get(m, m)} | {s['runs']} | {s['mean']:.3g} ± {s['stderr']:.2g} | "
+        lines.append(f"| {LABELS.get(m, m)} | {s['runs']} | {s['mean']:.3g} ± {s['stderr']:.2g} | "
                      f"{s['median']:.3g} | {seeds} |")
     return "\n".join(lines) + "\n\n" + _source(path, data.get("command"))
 
