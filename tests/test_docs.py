@@ -66,7 +66,7 @@ def test_every_page_is_in_the_nav():
     nav = (ROOT / "mkdocs.yml").read_text()
     in_nav = set(re.findall(r":\s*([\w/]+\.md)\s*$", nav, re.M))
     pages = {p.relative_to(DOCS).as_posix() for p in _pages()}
-    assert pages == in_nav, f"add to nav: in mkdocs.yml: {pages - in_nav}; nav entries, no page: {in_nav - pages}"
+    assert pages == in_nav, f"add to mkdocs.yml nav: {pages - in_nav}; nav without page: {in_nav - pages}"
 
 
 def test_public_api_has_docstrings():
