@@ -178,9 +178,10 @@ def load_checkpoint(
         error: the :class:`BadFileError` subclass to raise (default :class:`CheckpointError`).
 
     Raises:
-        ``error`` if the file is missing, unreadable, would need to construct arbitrary Python objects (the
-        unpickler stops before constructing them), is not a dict, lacks a key, holds the wrong type or shape,
-        or differs from ``expect``; the message names the file and the offending entry.
+        BadFileError: (of class ``error``) if the file is missing, unreadable, would need to construct
+            arbitrary Python objects (the unpickler stops before constructing them), is not a dict, lacks a
+            key, holds the wrong type or shape, or differs from ``expect``; the message names the file and
+            the offending entry.
     """
     path = Path(path)
     if not path.is_file():
