@@ -31,7 +31,8 @@ from .ifo import normalized_error
 from .task import CARTPOLE, Task
 from .training import load_checkpoint, save_checkpoint
 
-__all__ = ["BCConfig", "BCPolicy", "BCTrainer", "BC_PRESETS", "load_bc_policy"]
+__all__ = ["BCConfig", "BCPolicy", "BCTrainer", "BC_PRESETS", "load_bc_policy", "BCOConfig", "BCOTrainer",
+           "InverseDynamics", "load_bco_policy"]
 
 
 @dataclass(frozen=True)
@@ -243,3 +244,174 @@ def load_bc_policy(path: str | Path) -> BCPolicy:
 # What a BC checkpoint must hold before any of it is used (diffmpc.io.load_checkpoint validates it).
 _BC_SCHEMA = {"config": dict, "seed": int, "step": int, "policy": dict, "opt": dict, "generator": (None,),
               "history": list, "elapsed": float}
+
+
+# ---------------------------------------------------------------------------------------------- BCO
+@dataclass(frozen=True)
+class BCOConfig:
+    """Settings of :class:`BCOTrainer` (behavioural cloning from observation, Torabi et al. 2018)."""
+
+    queries: int = 20000  # simulator triplets (x from the expert states, u uniform): IfO's warm-up budget
+    hidden: tuple[int, ...] = (64, 64)
+    inverse_steps: int = 3000
+    policy_steps: int = 3000
+    batch: int = 256
+    lr: float = 3e-3
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+class _BoxMLP(nn.Module):
+    """``mid + half·tanh(MLP(z))`` into the task's action box."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], task: Task) -> None:
+        super().__init__()
+        sizes = [in_dim, *hidden, task.action_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+        low, high = task.bounds()
+        self.register_buffer("u_mid", (high + low) / 2)
+        self.register_buffer("u_half", (high - low) / 2)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.u_mid + self.u_half * torch.tanh(self.net(z))
+
+
+class InverseDynamics(nn.Module):
+    """``u = g(x, x')``: the control that takes ``x`` to ``x'`` (inputs: ``φ(x)`` and the normalised
+    increment ``(x' − x − μ)/σ``, both fitted on the queried triplets)."""
+
+    def __init__(self, hidden: tuple[int, ...], task: Task) -> None:
+        super().__init__()
+        self.features = task.features()
+        self.mlp = _BoxMLP(self.features.out_dim + task.state_dim, hidden, task)
+        self.register_buffer("in_mean", torch.zeros(self.features.out_dim + task.state_dim))
+        self.register_buffer("in_scale", torch.ones(self.features.out_dim + task.state_dim))
+
+    def inputs(self, x: Tensor, x_next: Tensor) -> Tensor:
+        return torch.cat([self.features(x), x_next - x], -1)
+
+    @torch.no_grad()
+    def fit_normalization(self, x: Tensor, x_next: Tensor) -> None:
+        z = self.inputs(x, x_next)
+        self.in_mean.copy_(z.mean(0))
+        self.in_scale.copy_(z.std(0).clamp_min(1e-6))
+
+    def forward(self, x: Tensor, x_next: Tensor) -> Tensor:
+        return self.mlp((self.inputs(x, x_next) - self.in_mean) / self.in_scale)
+
+
+class BCOTrainer:
+    r"""BCO (Torabi et al. 2018, "Behavioral Cloning from Observation") in the paper's setting.
+
+    (1) Query the simulator ``x' = F(x, u)`` at expert states with ``u`` uniform in the box (the same access
+    IfO has) and fit an inverse-dynamics model ``g(x, x') ≈ u`` by regression. (2) Label each expert pair
+    with ``û = g(x, x')`` and fit the policy :class:`BCPolicy` ``π(x) ≈ û`` by supervised regression
+    (errors in units of the box half-width). Both stages use Adam with a cosine learning rate. The
+    checkpoint ``out/bco_checkpoint.pt`` is written after each stage; ``run(resume=True)`` skips a finished
+    stage.
+    """
+
+    def __init__(self, x: Any, x_next: Any, simulator: Any, config: BCOConfig | None = None, seed: int = 0,
+                 out: str | Path | None = None, task: Task | None = None, dtype: torch.dtype = torch.float64
+                 ) -> None:
+        self.config = c = config or BCOConfig()
+        self.task = task = task or CARTPOLE
+        self.x = torch.as_tensor(np.asarray(x), dtype=dtype)
+        self.x_next = torch.as_tensor(np.asarray(x_next), dtype=dtype)
+        task.check_states(self.x, self.x_next, what="expert pairs")
+        self.simulator, self.seed = simulator, seed
+        self.out = None if out is None else Path(out)
+        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.inverse = InverseDynamics(c.hidden, task).to(dtype)
+        self.policy = BCPolicy(c.hidden, task).to(dtype)
+        self.stage = 0  # stages done
+        self.history: dict[str, list[float]] = {"inverse": [], "policy": []}
+        self.elapsed = 0.0
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out is None else self.out / "bco_checkpoint.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`run` needs to resume (plain data)."""
+        return {"kind": "bco", "config": self.config.to_dict(), "task": self.task.to_dict(),
+                "seed": self.seed, "stage": self.stage, "inverse": self.inverse.state_dict(),
+                "policy": self.policy.state_dict(),
+                "generator": self.generator.get_state(), "history": self.history, "elapsed": self.elapsed}
+
+    def _fit(self, module: nn.Module, loss_fn: Any, n: int, steps: int, name: str, progress: bool) -> None:
+        from tqdm import tqdm
+
+        c = self.config
+        opt = torch.optim.Adam(module.parameters(), c.lr)
+        for step in tqdm(range(steps), desc=f"BCO {name}", disable=not progress, leave=False):
+            for group in opt.param_groups:
+                group["lr"] = c.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            b = torch.randint(0, n, (c.batch,), generator=self.generator)
+            loss = loss_fn(b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 50 == 0 or step == steps - 1:
+                self.history[name].append(float(loss.detach()))
+
+    def run(self, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+        """Both stages (see the class docstring); returns a summary."""
+        c, task = self.config, self.task
+        path = self.checkpoint_path
+        if resume and path is not None and path.is_file():
+            s = load_checkpoint(path, {"kind": "bco", "config": c.to_dict(), "seed": self.seed,
+                                       "task": task.to_dict()}, schema=_BCO_SCHEMA)
+            self.inverse.load_state_dict(s["inverse"])
+            self.policy.load_state_dict(s["policy"])
+            self.generator.set_state(s["generator"])
+            self.stage, self.history, self.elapsed = s["stage"], dict(s["history"]), float(s["elapsed"])
+        t0 = time.perf_counter() - self.elapsed
+        low, high = task.bounds(self.x.dtype)
+        half = (high - low) / 2
+        if self.stage < 1:
+            idx = torch.randint(0, self.x.shape[0], (c.queries,), generator=self.generator)
+            xq = self.x[idx]
+            uq = task.sample_actions(c.queries, self.generator, xq.dtype)
+            xq_next = torch.as_tensor(self.simulator(xq, uq)).to(xq.dtype)
+            self.inverse.fit_normalization(xq, xq_next)
+            def inverse_loss(b: Tensor) -> Tensor:
+                return (((self.inverse(xq[b], xq_next[b]) - uq[b]) / half) ** 2).mean()
+
+            self._fit(self.inverse, inverse_loss, c.queries, c.inverse_steps, "inverse", progress)
+            self.stage, self.elapsed = 1, time.perf_counter() - t0
+            if path is not None:
+                save_checkpoint(path, self.state_dict())
+        if self.stage < 2:
+            with torch.no_grad():
+                labels = self.inverse(self.x, self.x_next)
+            self._fit(self.policy, lambda b: (((self.policy(self.x[b]) - labels[b]) / half) ** 2).mean(),
+                      self.x.shape[0], c.policy_steps, "policy", progress)
+            self.stage, self.elapsed = 2, time.perf_counter() - t0
+            if path is not None:
+                save_checkpoint(path, self.state_dict())
+        return {"elapsed_s": self.elapsed, "config": c.to_dict(), "task": task.to_dict(), "seed": self.seed,
+                "inverse_loss_final": self.history["inverse"][-1],
+                "policy_loss_final": self.history["policy"][-1],
+                "history": self.history}
+
+
+def load_bco_policy(path: str | Path) -> BCPolicy:
+    """The trained policy of a BCO checkpoint."""
+    s = load_checkpoint(path, {"kind": "bco"}, schema=_BCO_SCHEMA)
+    pol = BCPolicy(tuple(s["config"]["hidden"]), Task.from_dict(s["task"]))
+    pol.load_state_dict(s["policy"])
+    return pol.to(next(iter(s["policy"].values())).dtype)
+
+
+_BCO_SCHEMA = {"config": dict, "task": dict, "seed": int, "stage": int, "inverse": dict, "policy": dict,
+               "generator": (None,), "history": dict, "elapsed": float}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from diffmpc._checks import check_int
 from diffmpc.errors import BadFileError
+from diffmpc.io import atomic_write
 
 from .expert import ExpertConfig, make_env, run_episode, sampling_expert
 
@@ -90,18 +90,13 @@ def save_dataset(path: str | os.PathLike, data: ExpertDataset) -> Path:
     meta = dict(data.meta, format=FORMAT, version=VERSION, episodes=data.episodes, steps=data.steps,
                 state_dim=data.state_dim, action_dim=int(data.diagnostic_actions.shape[-1]),
                 states_sha256=_sha256(data.states))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, states=data.states.astype(np.float64),
-                                diagnostic_actions=data.diagnostic_actions.astype(np.float64),
-                                episode_costs=data.episode_costs.astype(np.float64),
-                                meta=np.array(json.dumps(meta, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    def write(fh: Any) -> None:
+        np.savez_compressed(fh, states=data.states.astype(np.float64),
+                            diagnostic_actions=data.diagnostic_actions.astype(np.float64),
+                            episode_costs=data.episode_costs.astype(np.float64),
+                            meta=np.array(json.dumps(meta, sort_keys=True)))
+
+    return atomic_write(path, write, binary=True)
 
 
 def load_dataset(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> ExpertDataset:

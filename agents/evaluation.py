@@ -192,3 +192,119 @@ def render_comparison(
         acts = np.concatenate([[0.0], a])
         frames[name] = [draw_cartpole(s[t], float(acts[t]), width, height) for t in range(s.shape[0])]
     return side_by_side(frames, path, fps=1.0 / DT)
+
+
+# ---------------------------------------------------------------------------------------------- any env
+def numpy_policy(policy: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``obs (B, n) -> action (B, m)`` in numpy for any policy: an object with ``act`` (e.g.
+    :class:`agents.MPCPolicy`), a torch module / torch callable (``(B, n) -> (B, m)`` tensors), or a numpy
+    callable."""
+    if hasattr(policy, "act") and callable(policy.act):
+        return policy.act
+    if not callable(policy):
+        raise TypeError(f"policy must be callable or have .act(obs), got {type(policy).__name__}")
+    params = list(policy.parameters()) if isinstance(policy, torch.nn.Module) else []
+    dtype = params[0].dtype if params else torch.float64
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = policy(torch.as_tensor(np.asarray(obs), dtype=dtype))
+        return out.detach().cpu().numpy() if isinstance(out, Tensor) else np.asarray(out)
+
+    return act
+
+
+def evaluate_in_env(policy: Any, env_id: str | Callable[[], Any], seeds: Any, max_steps: int | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """Run ``policy`` on one episode per seed of any Gymnasium env, all seeds at once in a
+    ``gymnasium.vector.SyncVectorEnv`` (the policy sees batched observations ``(B, n)``).
+
+    ``env_id`` is a registered id or a zero-argument env factory. An episode's cost is the sum of
+    ``info["cost"]`` where the env reports one, else of ``-reward``; its return is the sum of rewards; steps
+    after an env's episode ended are ignored. ``policy.reset(seed)`` is called with the first seed. Returns
+    mean/stderr of cost and return over the seeds, per-episode values, episode lengths, wall time and, for
+    an :class:`agents.MPCPolicy`, the fraction of plans that met the layer's convergence test.
+    """
+    import time
+
+    import gymnasium as gym
+    from tqdm import tqdm
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("evaluate_in_env needs at least one seed")
+
+    def make() -> Any:
+        if callable(env_id):
+            return env_id()
+        import envs  # noqa: F401 - registers our envs
+
+        return gym.make(env_id)
+
+    venv = gym.vector.SyncVectorEnv([make for _ in seeds])
+    act = numpy_policy(policy)
+    if hasattr(policy, "reset"):
+        policy.reset(seeds[0])
+    if hasattr(policy, "reset_counts"):
+        policy.reset_counts()
+    B = len(seeds)
+    cost, ret = np.zeros(B), np.zeros(B)
+    length = np.zeros(B, dtype=int)
+    alive = np.ones(B, dtype=bool)
+    t0 = time.perf_counter()
+    obs, _ = venv.reset(seed=seeds)
+    limit = max_steps if max_steps is not None else venv.envs[0].spec.max_episode_steps
+    if limit is None:
+        raise ValueError("the env has no time limit (spec.max_episode_steps): pass max_steps")
+    bar = tqdm(total=limit, desc="evaluation steps", disable=not progress, leave=False)
+    while alive.any() and int(length.max()) < limit:
+        a = np.asarray(act(obs), dtype=venv.single_action_space.dtype).reshape(B, -1)
+        obs, reward, term, trunc, info = venv.step(a)
+        c = np.asarray(info["cost"], dtype=float) if "cost" in info else -np.asarray(reward, dtype=float)
+        cost += np.where(alive, c, 0.0)
+        ret += np.where(alive, reward, 0.0)
+        length += alive
+        alive &= ~(np.asarray(term) | np.asarray(trunc))
+        bar.update(1)
+    bar.close()
+    venv.close()
+
+    def se(v: np.ndarray) -> float:
+        return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+    return {
+        "env_id": env_id if isinstance(env_id, str) else None,
+        "seeds": seeds,
+        "mean_cost": float(cost.mean()), "stderr": se(cost), "episode_costs": cost.tolist(),
+        "mean_return": float(ret.mean()), "return_stderr": se(ret), "episode_returns": ret.tolist(),
+        "episode_lengths": length.tolist(),
+        "converged_fraction": getattr(policy, "converged_fraction", None),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+
+
+def record_side_by_side(policies: Mapping[str, Any], env_id: str | Callable[[], Any], path: Any,
+                        seed: int = 0, max_steps: int | None = None, fps: float | None = None) -> list[Any]:
+    """One episode per policy from the same seed of any env (``render_mode="rgb_array"``), written side by
+    side and labelled with each episode's return (mp4 + gif, :func:`envs.video.side_by_side`); ``fps``
+    defaults to the env's ``metadata["render_fps"]``."""
+    import gymnasium as gym
+
+    from envs.video import rollout_frames, side_by_side
+
+    frames: dict[str, list[np.ndarray]] = {}
+    env_fps = None
+    for name, policy in policies.items():
+        env = env_id() if callable(env_id) else gym.make(env_id, render_mode="rgb_array")
+        env_fps = env.metadata.get("render_fps")
+        act = numpy_policy(policy)
+        if hasattr(policy, "reset"):
+            policy.reset(seed)
+
+        def single(obs: np.ndarray, act: Any = act) -> np.ndarray:
+            return np.asarray(act(np.asarray(obs)[None]))[0]
+
+        f, stats = rollout_frames(env, single, seed=seed, max_steps=max_steps)
+        env.close()
+        frames[f"{name} (return {stats['return']:.0f})"] = f
+    return side_by_side(frames, path, fps=fps or env_fps)

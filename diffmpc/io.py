@@ -72,7 +72,10 @@ class Terminated(KeyboardInterrupt):
 
 # --------------------------------------------------------------------------------------------- atomic writes
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], binary: bool = False) -> Path:
-    """Call ``write(fh)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(fh)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give (``0o666`` less the umask), not
+    ``mkstemp``'s private ``0o600``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -80,12 +83,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             write(fh)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; restore at once
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(o: Any) -> Any:

@@ -22,6 +22,7 @@ VIDEO_SUFFIXES = (".mp4", ".gif")
 MACRO_BLOCK = 16  # mp4 (H.264, yuv420p) frames are padded to multiples of this
 LABEL_HEIGHT = 32
 SEPARATOR = 4
+TIME_BAR = 4  # rows of the time bar under side-by-side panels
 
 
 def _as_action(action: Any) -> np.ndarray:
@@ -146,7 +147,10 @@ def _pad_to(frame: np.ndarray, height: int, width: int, value: int = 255) -> np.
 def write_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 10) -> list[Path]:
     """Write H×W×3 uint8 ``frames`` to ``path``: ``.mp4`` (H.264 via imageio-ffmpeg; frames padded with white
     to multiples of 16), ``.gif`` (looping, via Pillow), or both ``<path>.mp4`` and ``<path>.gif`` when the
-    suffix is neither. Parent directories are created. Returns the paths written."""
+    suffix is neither. Parent directories are created. Returns the paths written.
+
+    Pillow's GIF writer merges *identical* consecutive frames into one longer frame (same total duration,
+    fewer frames than the mp4); :func:`side_by_side` draws a time bar so that its frames never repeat."""
     import imageio.v2 as iio2
     import imageio.v3 as iio3
 
@@ -192,7 +196,8 @@ def label_image(text: str, width: int, height: int = LABEL_HEIGHT) -> np.ndarray
 
 def compose_side_by_side(frame_lists: Mapping[str, Sequence[np.ndarray]]) -> list[np.ndarray]:
     """Compose labelled panels: frame t shows each list's frame t (its last frame once it has ended) under
-    its label, panels left to right in the mapping's order, separated by a grey bar."""
+    its label, panels left to right in the mapping's order, separated by a grey bar; a time bar below
+    fills with ``t`` (so no two frames are equal and mp4 and gif have the same frame count)."""
     if not frame_lists:
         raise ValueError("frame_lists is empty")
     lists = {str(k): _check_frames(v) for k, v in frame_lists.items()}
@@ -209,16 +214,23 @@ def compose_side_by_side(frame_lists: Mapping[str, Sequence[np.ndarray]]) -> lis
                 row.append(sep)
             f = _pad_to(frames[min(t, len(frames) - 1)], H, W)
             row.append(np.concatenate([panels[k], f], axis=0))
-        out.append(np.concatenate(row, axis=1))
+        frame = np.concatenate(row, axis=1)
+        bar = np.full((TIME_BAR, frame.shape[1], 3), 230, dtype=np.uint8)
+        bar[:, : max(1, round(frame.shape[1] * (t + 1) / T))] = 90
+        out.append(np.concatenate([frame, bar], axis=0))
     return out
 
 
 def side_by_side(
-    frame_lists: Mapping[str, Sequence[np.ndarray]], path: str | os.PathLike, fps: float = 10
+    frame_lists: Mapping[str, Sequence[np.ndarray]], path: str | os.PathLike, fps: float | None = None
 ) -> list[Path]:
     """Write ``{label: frames}`` side by side (see :func:`compose_side_by_side`) to ``<path>.mp4`` and
-    ``<path>.gif`` (a ``.mp4``/``.gif`` suffix on ``path`` is replaced). Returns the paths written."""
+    ``<path>.gif`` (a ``.mp4``/``.gif`` suffix on ``path`` is replaced) at ``fps`` — pass the env's
+    ``metadata["render_fps"]``. Returns the paths written."""
     path = Path(path)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         path = path.with_suffix("")
-    return write_video(compose_side_by_side(frame_lists), path, fps)
+    frames = compose_side_by_side(frame_lists)
+    if fps is None:
+        raise ValueError("side_by_side needs fps: pass the env's metadata['render_fps'] (real-time playback)")
+    return write_video(frames, path, fps)

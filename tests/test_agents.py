@@ -291,3 +291,18 @@ def test_dataset_of_any_env_from_any_policy(tmp_path):
         load_dataset(tmp_path / "q.npz")
     with pytest.raises(ValueError, match="no default expert"):
         generate_dataset(tmp_path / "r.npz", episodes=1, env_id="Pendulum-v1", progress=False)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from diffmpc.io import write_results
+
+    old = os.umask(0o027)
+    try:
+        data = ExpertDataset(np.zeros((1, 2, 3)), np.zeros((1, 1, 1)), np.zeros(1), {"env_id": "x"})
+        for path in (save_dataset(tmp_path / "d.npz", data), write_results(tmp_path, {"a": 1})):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o640, path  # not mkstemp's 0o600
+    finally:
+        os.umask(old)

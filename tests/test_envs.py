@@ -421,15 +421,18 @@ def test_side_by_side_labels(tmp_path):
     b, _ = rollout_frames(env, lambda o: -np.ones(1), seed=0, max_steps=3)
     frames = compose_side_by_side({"push right": a, "push left": b})
     assert len(frames) == 7
-    H, W = 320 + 32, 2 * 480 + 4
+    H, W = 320 + 32 + 4, 2 * 480 + 4  # label strip, frame, time bar
     assert frames[0].shape == (H, W, 3)
     # the label strips carry dark text pixels; the shorter episode holds its last frame
     assert (frames[0][:32, :480] < 100).any() and (frames[0][:32, 484:] < 100).any()
-    np.testing.assert_array_equal(frames[6][32:, 484:], b[-1])
+    np.testing.assert_array_equal(frames[6][32:-4, 484:], b[-1])
     assert not np.array_equal(label_image("push right", 480), label_image("push left", 480))
     paths = side_by_side({"push right": a, "push left": b}, tmp_path / "cmp.mp4", fps=5)
     assert [p.name for p in paths] == ["cmp.mp4", "cmp.gif"]
     assert iio.imread(paths[0]).shape[0] == 7
+    assert iio.imread(paths[1], index=None).shape[0] == 7  # the held last frame is not merged in the gif
+    with pytest.raises(ValueError, match="render_fps"):
+        side_by_side({"push right": a}, tmp_path / "nofps")
     with pytest.raises(ValueError, match="frame"):
         side_by_side({"bad": [np.zeros((4, 4), dtype=np.uint8)]}, tmp_path / "bad")
 
