@@ -13,7 +13,8 @@ from typing import Any
 
 from .errors import BadArgumentError
 
-__all__ = ["check_int", "check_real", "check_choice", "check_fields"]
+__all__ = ["check_int", "check_real", "check_choice", "check_fields", "check_implicit_options",
+           "check_solver_output", "check_has_curvature"]
 
 
 def check_int(name: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
@@ -74,3 +75,46 @@ def check_fields(
         check_real(f"{cls}.{k}", getattr(obj, k), 0.0)
     for k in finite:
         check_real(f"{cls}.{k}", getattr(obj, k))
+
+
+# ------------------------------------------------------------------------------------------ implicit layers
+def check_implicit_options(
+    tol: Any = None, backward_tol: Any = None, backward_max_iter: Any = None, damping: Any = 0.0
+) -> None:
+    """The numeric options shared by :func:`diffmpc.argmin`, :func:`diffmpc.root`, MPC and odeint."""
+    check_real("tol", tol, 0.0, strict=True, allow_none=True)
+    check_real("backward_tol", backward_tol, 0.0, strict=True, allow_none=True)
+    check_int("backward_max_iter", backward_max_iter, 1, allow_none=True)
+    check_real("damping", damping)
+    if float(damping) < 0:
+        raise BadArgumentError(f"damping must be >= 0, got {damping!r}: the backward solves "
+                               "(H + damping·I) w = v, and a negative shift changes the gradient (and can "
+                               "make H indefinite)")
+
+
+def check_solver_output(y: Any, y0: Any, kind: str = "solver") -> Any:
+    """A black-box solver's answer must be a tensor shaped exactly like ``y0`` (no silent reshape)."""
+    import torch
+
+    try:
+        y_t = torch.as_tensor(y, dtype=y0.dtype, device=y0.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise BadArgumentError(f"the black-box {kind} returned {type(y).__name__}, not a tensor: "
+                               f"{err}") from err
+    if tuple(y_t.shape) != tuple(y0.shape):
+        raise BadArgumentError(f"the black-box {kind} returned shape {tuple(y_t.shape)}; it must return y "
+                               f"shaped like y0 {tuple(y0.shape)}")
+    return y_t
+
+
+def check_has_curvature(fun: Any, y: Any) -> None:
+    """Raise unless ∇_y fun depends on y: a linear (or y-independent) objective has no Hessian to invert."""
+    import torch
+
+    with torch.enable_grad():
+        yr = y.detach().requires_grad_()
+        (g,) = torch.autograd.grad(fun(yr).sum(), yr, create_graph=True, allow_unused=True)
+    if g is None or not g.requires_grad:
+        raise BadArgumentError("f has no curvature in y (its gradient does not depend on y): a linear or "
+                               "constant objective has no minimiser and no Hessian for the implicit-function-"
+                               "theorem backward; add a quadratic term or bounds")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
+from ._checks import check_has_curvature, check_implicit_options, check_solver_output
 from .errors import ConvergenceError, ConvergenceWarning
 from .linalg import SolveInfo, _norm
 from .solvers import default_tol, jacobian_products, make_minimizer, make_root_solver
@@ -261,6 +262,21 @@ def _prepare(fn, y0, inputs, backward, valid_backwards, params):
     return _module_params(fn, params)
 
 
+def _empty_batch(y0: Tensor, inputs: Sequence[Any], params: Sequence[Tensor], tol: float | None,
+                 return_info: bool) -> Any:
+    """B = 0: nothing to solve. An empty result of y0's shape, connected to every input that requires grad
+    (so its backward runs and gives zero gradients of the right shapes, as torch ops do for empty tensors)."""
+    out = y0.detach().clone()
+    for t in [*inputs, *params]:
+        if isinstance(t, Tensor) and t.requires_grad:
+            out = out + 0 * t.sum()
+    if not return_info:
+        return out
+    empty = y0.new_zeros(0)
+    tol_v = tol if tol is not None else default_tol(y0.dtype)
+    return out, ImplicitInfo(empty, None, torch.zeros(0, dtype=torch.bool, device=y0.device), tol_v)
+
+
 def _attach(kind, fun_b, y_star_b, inputs, params, method, rtol, max_iter, damping, strict, info):
     slots = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]
     spec = _Spec(fun_b, inputs, slots, len(params), method, rtol, max_iter, damping, strict, info, kind)
@@ -302,6 +318,7 @@ def argmin(
         params: extra tensors that ``f`` closes over and that should receive gradients.
         return_info: also return an :class:`ImplicitInfo` (its ``backward`` field fills in on backward).
     """
+    check_implicit_options(tol, backward_tol, backward_max_iter, damping)
     params_l = _prepare(f, y0, inputs, backward, ARGMIN_BACKWARDS, params)
     with torch.no_grad():
         probe = f(y0, *inputs)
@@ -319,10 +336,15 @@ def argmin(
         )
     _check_finite("f", probe)
     y0_b, unbatch = _as_batched(y0, batched)
+    if batched and y0.shape[0] == 0:
+        return _empty_batch(y0, inputs, params_l, tol, return_info)
 
     def fun_b(y: Tensor, *args: Any) -> Tensor:
         out = f(y if batched else y[0], *args)
         return out if batched else out.reshape(1)
+
+    inputs_nograd = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+    check_has_curvature(lambda y: fun_b(y, *inputs_nograd), y0_b)
 
     tol_v = tol if tol is not None else default_tol(y0.dtype)
     rtol = backward_tol if backward_tol is not None else (1e-10 if y0.dtype == torch.float64 else 1e-5)
@@ -342,7 +364,7 @@ def argmin(
                 y_star, iters = slv.minimize(fun_d, y0_b)
             else:
                 y_user = slv(lambda y: f(y, *inputs_d), y0.detach().clone())
-                y_star = torch.as_tensor(y_user, dtype=y0.dtype, device=y0.device).reshape(y0.shape)
+                y_star = check_solver_output(y_user, y0)
                 y_star, iters = (y_star if batched else y_star.unsqueeze(0)), None
         y_star = y_star.detach()
     with torch.enable_grad():
@@ -410,6 +432,7 @@ def root(
     """
     if backward == "cg":
         backward = "normal_cg"
+    check_implicit_options(tol, backward_tol, backward_max_iter, damping)
     params_l = _prepare(F, y0, inputs, backward, ROOT_BACKWARDS, params)
     if batched and y0.ndim == 0:
         raise ValueError("batched=True needs y0 with a leading batch dimension")
@@ -420,6 +443,8 @@ def root(
         raise ValueError(f"F must return a tensor shaped like y ({tuple(y0.shape)}), got {shape}")
     _check_finite("F", probe)
     y0_b, unbatch = _as_batched(y0, batched)
+    if batched and y0.shape[0] == 0:
+        return _empty_batch(y0, inputs, params_l, tol, return_info)
 
     def fun_b(y: Tensor, *args: Any) -> Tensor:
         return F(y, *args) if batched else F(y[0], *args).unsqueeze(0)
@@ -440,7 +465,7 @@ def root(
                 y_star, iters = slv.find_root(lambda y: fun_b(y, *inputs_d), y0_b)
             else:
                 y_user = slv(lambda y: F(y, *inputs_d), y0.detach().clone())
-                y_star = torch.as_tensor(y_user, dtype=y0.dtype, device=y0.device).reshape(y0.shape)
+                y_star = check_solver_output(y_user, y0)
                 y_star, iters = (y_star if batched else y_star.unsqueeze(0)), None
         y_star = y_star.detach()
     with torch.no_grad():

@@ -80,6 +80,8 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
+from ._checks import check_implicit_options
+from .errors import BadArgumentError
 from .implicit import ConvergenceError, ConvergenceWarning, ImplicitInfo, root
 from .linalg import SolveInfo, _col, _default_max_iter, _dot, _norm
 from .solvers import NewtonRoot, default_tol, jacobian_products, make_root_solver
@@ -117,6 +119,32 @@ class OdeInfo:
         return sum(its) + self.adjoint_linear_iterations
 
 
+# Steps one odeint call may take: each stores a state (and the backward one more), so a tiny step_size would
+# otherwise allocate without bound before the first step runs.
+MAX_STEPS = 10**6
+
+
+def _check_vector_field(func: Callable, y0: Tensor, t: Tensor) -> None:
+    """``func(t0, y0)`` must be shaped like y0: a broadcasting field silently integrates the wrong ODE."""
+    if not isinstance(t, Tensor) or t.ndim != 1 or t.numel() < 1:
+        return  # _grid names the problem with t
+    with torch.no_grad():
+        out = func(t[0], y0)
+    if not isinstance(out, Tensor) or out.shape != y0.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise BadArgumentError(f"func(t, y) returned {got} for y of shape {tuple(y0.shape)}; the vector "
+                               "field must return dy/dt shaped like y")
+
+
+def _empty_batch(y0: Tensor, t: Tensor, params: list[Tensor], return_info: bool) -> Any:
+    """B = 0: the empty ``(len(t), 0, ...)`` trajectory, connected to y0 and the parameters so its backward
+    runs (zero gradients of the right shapes), as torch ops do for empty tensors."""
+    ys = y0.unsqueeze(0).expand(t.shape[0], *y0.shape) * 1
+    for p in params:
+        ys = ys + 0 * p.sum()
+    return (ys, OdeInfo()) if return_info else ys
+
+
 def _grid(t: Tensor, step_size: float | None) -> tuple[list[float], list[int]]:
     """Integration grid (python floats) and the index of each output time in it."""
     if not isinstance(t, Tensor) or t.ndim != 1 or t.numel() < 1:
@@ -128,7 +156,14 @@ def _grid(t: Tensor, step_size: float | None) -> tuple[list[float], list[int]]:
     if any(b <= a for a, b in pairwise(ts)):
         raise ValueError("t must be strictly increasing")
     if step_size is not None and not step_size > 0:
-        raise ValueError(f"options['step_size'] must be positive, got {step_size}")
+        raise BadArgumentError(f"options['step_size'] must be positive, got {step_size}")
+    if step_size is not None:
+        n_steps = sum(max(1, math.ceil((b - a) / step_size - 1e-9)) for a, b in pairwise(ts))
+        if n_steps > MAX_STEPS:
+            raise BadArgumentError(
+                f"options['step_size']={step_size:g} needs {n_steps:.3g} steps over t in "
+                f"[{ts[0]:g}, {ts[-1]:g}] (more than MAX_STEPS = {MAX_STEPS:.0e}; every step stores a "
+                "state): raise step_size")
     grid, obs = [ts[0]], [0]
     for a, b in pairwise(ts):
         k = 1 if step_size is None else max(1, math.ceil((b - a) / step_size - 1e-9))
@@ -565,6 +600,11 @@ def odeint(
     if backward not in BACKWARDS:
         raise ValueError(f"unknown backward {backward!r}; choose one of {BACKWARDS}")
     opts = dict(options or {})
+    check_implicit_options(opts.get("tol"), opts.get("backward_tol"), opts.get("backward_max_iter"),
+                           opts.get("damping", 0.0))
+    _check_vector_field(func, y0, t)
+    if y0.ndim >= 1 and y0.shape[0] == 0 and bool(opts.get("batched", y0.ndim >= 2)):
+        return _empty_batch(y0, t, _params(func, params), return_info)
     if method not in IMPLICIT_METHODS:
         return _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info, params)
     unknown = set(opts) - set(_OPTION_KEYS)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,6 +62,18 @@ def _grad(fun: Objective, y: Tensor, differentiable: bool) -> tuple[Tensor, Tens
     return yr, fval, g
 
 
+def _check_solver_fields(obj: Any, ints: tuple[str, ...] = (), optional_ints: tuple[str, ...] = (),
+                         positive: tuple[str, ...] = ()) -> None:
+    """Solver configs reject bad numbers when built (tol > 0 or None, iteration caps >= 1), naming them."""
+    from ._checks import check_fields, check_int, check_real
+
+    name = type(obj).__name__
+    check_real(f"{name}.tol", obj.tol, 0.0, strict=True, allow_none=True)
+    check_fields(obj, ints=ints, positive=positive)
+    for k in optional_ints:
+        check_int(f"{name}.{k}", getattr(obj, k), 1, allow_none=True)
+
+
 @dataclass(frozen=True)
 class NewtonCG:
     """Batched truncated-Newton minimiser (Nocedal & Wright, Alg. 7.1) with Armijo backtracking.
@@ -76,6 +89,10 @@ class NewtonCG:
     cg_max_iter: int | None = None
     max_backtracks: int = 40
     armijo: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check_solver_fields(self, ints=("max_iter", "max_backtracks"), optional_ints=("cg_max_iter",),
+                             positive=("armijo",))
 
     def minimize(self, fun: Objective, y0: Tensor, differentiable: bool = False) -> tuple[Tensor, Tensor]:
         tol = self.tol if self.tol is not None else default_tol(y0.dtype)
@@ -132,6 +149,9 @@ class GradientDescent:
     max_iter: int = 1000
     tol: float | None = None
 
+    def __post_init__(self) -> None:
+        _check_solver_fields(self, ints=("max_iter",), positive=("lr",))
+
     def minimize(self, fun: Objective, y0: Tensor, differentiable: bool = False) -> tuple[Tensor, Tensor]:
         tol = self.tol if self.tol is not None else default_tol(y0.dtype)
         y = y0.detach().clone().requires_grad_(differentiable)
@@ -154,6 +174,9 @@ class LBFGS:
     max_iter: int = 200
     history_size: int = 20
     tol: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_solver_fields(self, ints=("max_iter", "history_size"))
 
     def minimize(self, fun: Objective, y0: Tensor, differentiable: bool = False) -> tuple[Tensor, Tensor]:
         if differentiable:
@@ -195,6 +218,10 @@ class NewtonRoot:
     linear_rtol: float = 1e-6
     linear_max_iter: int | None = None
     max_backtracks: int = 30
+
+    def __post_init__(self) -> None:
+        _check_solver_fields(self, ints=("max_iter", "max_backtracks"), optional_ints=("linear_max_iter",),
+                             positive=("linear_rtol",))
 
     def find_root(self, F: Callable[[Tensor], Tensor], y0: Tensor, differentiable: bool = False):
         tol = self.tol if self.tol is not None else default_tol(y0.dtype)
@@ -245,6 +272,9 @@ class FixedPoint:
     tol: float | None = None
     max_iter: int = 500
     damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_solver_fields(self, ints=("max_iter",), positive=("damping",))
 
     def find_root(self, F: Callable[[Tensor], Tensor], y0: Tensor, differentiable: bool = False):
         tol = self.tol if self.tol is not None else default_tol(y0.dtype)

@@ -371,3 +371,100 @@ def test_dare_failures_map_to_the_right_lqr_error(case, err, match):
     with pytest.raises(getattr(lqr, err), match=match):
         lqr.dare(A, B, Q, R)
     assert issubclass(getattr(lqr, err), lqr.LQRError)
+
+
+# -------------------------------------------------------------------------------------------- implicit layers
+F64 = torch.float64
+
+
+def _quadratic(y, x):
+    return ((y - x) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"damping": -1.0}, r"damping must be >= 0, got -1.0"),
+    ({"tol": float("nan")}, r"tol must be a finite number, got nan"),
+    ({"tol": -1e-9}, r"tol must be > 0.0, got -1e-09"),
+    ({"backward_tol": 0.0}, r"backward_tol must be > 0.0"),
+    ({"backward_max_iter": -1}, r"backward_max_iter must be an integer >= 1, got -1"),
+])
+@pytest.mark.parametrize("layer", ["argmin", "root"])
+def test_implicit_layer_options_are_validated(layer, kwargs, match):
+    import diffmpc
+
+    x = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    with pytest.raises(BadArgumentError, match=match):
+        if layer == "argmin":
+            diffmpc.argmin(_quadratic, torch.zeros(2, dtype=F64), x, **kwargs)
+        else:
+            diffmpc.root(lambda y, x: y - x, torch.zeros(2, dtype=F64), x, **kwargs)
+
+
+def test_solver_configs_are_validated():
+    from diffmpc import solvers
+
+    with pytest.raises(BadArgumentError, match=r"NewtonCG.max_iter must be an integer >= 1, got -1"):
+        solvers.NewtonCG(max_iter=-1)
+    with pytest.raises(BadArgumentError, match=r"NewtonRoot.tol must be a finite number, got nan"):
+        solvers.NewtonRoot(tol=float("nan"))
+    with pytest.raises(BadArgumentError, match=r"GradientDescent.lr must be > 0"):
+        solvers.GradientDescent(lr=0.0)
+
+
+def test_linear_objective_has_no_hessian():
+    import diffmpc
+
+    x = torch.tensor([1.0, 2.0], dtype=F64)
+    with pytest.raises(BadArgumentError, match="f has no curvature in y"):
+        diffmpc.argmin(lambda y, x: (y * x).sum(), torch.zeros(2, dtype=F64), x)
+
+
+@pytest.mark.parametrize("answer", [torch.zeros(3, dtype=F64), torch.zeros(3, 2, dtype=F64)])
+def test_black_box_solver_returning_the_wrong_shape(answer):
+    import diffmpc
+
+    y0 = torch.zeros(2, 3, dtype=F64)  # a (3, 2) answer has as many elements: it used to be reshaped silently
+    import re
+
+    want = re.escape(f"black-box solver returned shape {tuple(answer.shape)}")
+    with pytest.raises(BadArgumentError, match=want):
+        diffmpc.argmin(lambda y: (y**2).sum(), y0, solver=lambda fun, y: answer)
+    with pytest.raises(BadArgumentError, match=r"must return y shaped like y0 \(2, 3\)"):
+        diffmpc.root(lambda y: y, y0, solver=lambda fun, y: answer)
+
+
+def test_empty_batch_gives_empty_results_with_working_backward():
+    import diffmpc
+
+    x = torch.zeros(0, 3, dtype=F64, requires_grad=True)
+    y = diffmpc.argmin(_quadratic, torch.zeros(0, 3, dtype=F64), x)
+    assert y.shape == (0, 3)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert g.shape == (0, 3)
+    y = diffmpc.root(lambda y, x: y - x, torch.zeros(0, 3, dtype=F64), x, batched=True)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert y.shape == g.shape == (0, 3)
+    W = torch.eye(3, dtype=F64, requires_grad=True)
+    y0 = torch.zeros(0, 3, dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1, 4, dtype=F64)
+    ys = diffmpc.odeint(lambda t, y: y @ W, y0, t, params=[W])
+    gy0, gW = torch.autograd.grad(ys.sum(), [y0, W])
+    assert ys.shape == (4, 0, 3) and gy0.shape == (0, 3) and gW.shape == (3, 3) and not gW.any()
+
+
+def test_odeint_vector_field_of_the_wrong_shape():
+    import diffmpc
+
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.raises(BadArgumentError, match=r"func\(t, y\) returned \(1, 2\) for y of shape \(2,\)"):
+        diffmpc.odeint(lambda t, y: y.reshape(1, 2), torch.ones(2, dtype=F64), t)  # used to broadcast
+
+
+def test_odeint_tiny_step_size_is_refused_before_allocating():
+    import diffmpc
+
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.raises(BadArgumentError, match=r"options\['step_size'\]=1e-12 needs 1e\+12 steps"):
+        diffmpc.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), t, options={"step_size": 1e-12})
+    with pytest.raises(BadArgumentError, match=r"damping must be >= 0"):
+        diffmpc.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), t, options={"damping": -0.5})
