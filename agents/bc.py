@@ -32,7 +32,7 @@ from .task import CARTPOLE, Task
 from .training import load_checkpoint, save_checkpoint
 
 __all__ = ["BCConfig", "BCPolicy", "BCTrainer", "BC_PRESETS", "load_bc_policy", "BCOConfig", "BCOTrainer",
-           "InverseDynamics", "load_bco_policy"]
+           "InverseDynamics", "load_bco_policy", "BCO_PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -264,6 +264,13 @@ class BCOConfig:
         return d
 
 
+BCO_PRESETS = {
+    "quick": BCOConfig(),
+    "paper": BCOConfig(queries=40000, hidden=(128, 128), inverse_steps=10000, policy_steps=10000),
+    "tiny": BCOConfig(queries=500, hidden=(16, 16), inverse_steps=40, policy_steps=40, batch=32),
+}
+
+
 class _BoxMLP(nn.Module):
     """``mid + half·tanh(MLP(z))`` into the task's action box."""
 
@@ -320,9 +327,10 @@ class BCOTrainer:
     """
 
     def __init__(self, x: Any, x_next: Any, simulator: Any, config: BCOConfig | None = None, seed: int = 0,
-                 out: str | Path | None = None, task: Task | None = None, dtype: torch.dtype = torch.float64
-                 ) -> None:
+                 out: str | Path | None = None, task: Task | None = None, dtype: torch.dtype = torch.float64,
+                 provenance: dict[str, Any] | None = None) -> None:
         self.config = c = config or BCOConfig()
+        self.provenance = dict(provenance or {})
         self.task = task = task or CARTPOLE
         self.x = torch.as_tensor(np.asarray(x), dtype=dtype)
         self.x_next = torch.as_tensor(np.asarray(x_next), dtype=dtype)
@@ -344,8 +352,8 @@ class BCOTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`run` needs to resume (plain data)."""
         return {"kind": "bco", "config": self.config.to_dict(), "task": self.task.to_dict(),
-                "seed": self.seed, "stage": self.stage, "inverse": self.inverse.state_dict(),
-                "policy": self.policy.state_dict(),
+                "seed": self.seed, "provenance": dict(self.provenance), "stage": self.stage,
+                "inverse": self.inverse.state_dict(), "policy": self.policy.state_dict(),
                 "generator": self.generator.get_state(), "history": self.history, "elapsed": self.elapsed}
 
     def _fit(self, module: nn.Module, loss_fn: Any, n: int, steps: int, name: str, progress: bool) -> None:
@@ -370,7 +378,8 @@ class BCOTrainer:
         path = self.checkpoint_path
         if resume and path is not None and path.is_file():
             s = load_checkpoint(path, {"kind": "bco", "config": c.to_dict(), "seed": self.seed,
-                                       "task": task.to_dict()}, schema=_BCO_SCHEMA)
+                                       "task": task.to_dict(), "provenance": self.provenance},
+                                schema=_BCO_SCHEMA)
             self.inverse.load_state_dict(s["inverse"])
             self.policy.load_state_dict(s["policy"])
             self.generator.set_state(s["generator"])

@@ -6,7 +6,8 @@ Layout of a ``table2``/``demo`` output directory::
     OUT/dataset/expert_cartpole.npz        expert states (generated unless --dataset is given)
     OUT/run_<seed>/ifo/ifo_checkpoint.pt   learned dynamics + cost (IfO, Alg. 2), resumable
     OUT/run_<seed>/bc/bc_checkpoint.pt     BC policy trained through that run's learned dynamics
-    OUT/run_<seed>/results.json            that run's evaluation (expert, BC, MPC_IFT at each variance)
+    OUT/run_<seed>/bco/bco_checkpoint.pt   BCO policy (inverse-dynamics labels + supervised BC)
+    OUT/run_<seed>/results.json            that run's evaluation (expert, BC, BCO, MPC_IFT at each variance)
     OUT/results.json, OUT/table2.md        mean ± standard error over runs, gaps to the expert, the paper
     OUT/fig3.mp4, OUT/fig3.gif, OUT/trajectories.png   one start rolled out by each policy (first run)
 
@@ -30,7 +31,8 @@ __all__ = ["PAPER_TABLE2", "run_pipeline", "aggregate_runs", "table2_markdown", 
 
 # Paper Table 2: average episode cost (low / high start variance).
 PAPER_TABLE2 = {"expert": (9.2, 9.3), "bc": (14.6, 18.4), "mpc_ift": (13.7, 14.7)}
-POLICY_NAMES = {"expert": "Expert (RS, true model)", "bc": "BC", "mpc_ift": "MPC_IFT (ours)"}
+POLICY_NAMES = {"expert": "Expert (RS, true model)", "bc": "BC", "bco": "BCO (Torabi et al. 2018)",
+                "mpc_ift": "MPC_IFT (ours)"}
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -140,6 +142,32 @@ def train_bc(
     return summary
 
 
+def train_bco(
+    dataset: str | Path,
+    out: str | Path,
+    preset: str = "quick",
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """BCO (inverse-dynamics labels, then supervised BC) on the dataset's expert pairs, querying the
+    cart-pole simulator as IfO does; results under ``out``."""
+    from agents.bc import BCO_PRESETS, BCOTrainer
+    from agents.task import CARTPOLE, simulator_for
+    from diffmpc.io import refuse_overwrite, write_results
+
+    refuse_overwrite(Path(out) / "bco_checkpoint.pt", resume, overwrite)
+    x, xn, meta = _pairs(dataset)
+    trainer = BCOTrainer(x, xn, simulator_for(CARTPOLE), BCO_PRESETS[preset], seed=seed, out=Path(out),
+                         task=CARTPOLE, provenance=dataset_identity(dataset))
+    summary = trainer.run(progress=progress, resume=resume)
+    summary.update(command="train bco", preset=preset, dataset=str(dataset), dataset_meta=meta,
+                   provenance=trainer.provenance, checkpoint=str(trainer.checkpoint_path))
+    write_results(out, summary)
+    return summary
+
+
 def _checkpoint(path: str | Path, name: str) -> Path:
     """A checkpoint file, or the directory holding ``name``."""
     p = Path(path)
@@ -165,7 +193,11 @@ def make_policy(spec: str) -> Any:
         from agents.bc import load_bc_policy
 
         return load_bc_policy(_checkpoint(path, "bc_checkpoint.pt")).requires_grad_(False)
-    raise ValueError(f"unknown policy {spec!r}; use expert, expert:cem, ifo:PATH or bc:PATH")
+    if kind == "bco" and path:
+        from agents.bc import load_bco_policy
+
+        return load_bco_policy(_checkpoint(path, "bco_checkpoint.pt")).requires_grad_(False)
+    raise ValueError(f"unknown policy {spec!r}; use expert, expert:cem, ifo:PATH, bc:PATH or bco:PATH")
 
 
 def evaluate_policies(
@@ -209,15 +241,18 @@ def run_one(
             and res.get("seed") == seed
             and res.get("provenance") == dataset_identity(dataset)
             and set(res["evaluation"]["expert"]) == set(_variances(variances))
+            and "bco" in res["evaluation"]
         ):
             return res
     t0 = time.perf_counter()
     ifo = train_ifo(dataset, run_dir / "ifo", preset, seed, resume=True, progress=progress)
     bc = train_bc(dataset, run_dir / "bc", run_dir / "ifo", preset, seed, resume=True, progress=progress)
+    bco = train_bco(dataset, run_dir / "bco", preset, seed, resume=True, progress=progress)
     t_train = time.perf_counter() - t0
     policies = {
         "expert": make_policy("expert"),
         "bc": make_policy(f"bc:{run_dir / 'bc'}"),
+        "bco": make_policy(f"bco:{run_dir / 'bco'}"),
         "mpc_ift": make_policy(f"ifo:{run_dir / 'ifo'}"),
     }
     ev = evaluate_policies(policies, _variances(variances), seed=seed, progress=progress)
@@ -230,6 +265,10 @@ def run_one(
         "wall_time_s": time.perf_counter() - t0,
         "ifo_train_s": ifo["elapsed_s"],
         "bc_train_s": bc["elapsed_s"],
+        "bco_train_s": bco["elapsed_s"],
+        "ifo_converged_fraction": ifo["converged_fraction"],
+        "ifo_mpc_solves": ifo["mpc_solves"],
+        "ifo_mpc_unconverged": ifo["mpc_unconverged"],
         "learned_target": ifo["learned_target"],
         "learned_weights": ifo["learned_weights"],
         "evaluation": ev,
@@ -280,9 +319,13 @@ def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: flo
         for v in variances:
             r = row[v]
             gap = "" if name == "expert" else f" ({r['gap_to_expert']:+.2f})"
-            p = PAPER_TABLE2[name][idx.get(v, 0)]
-            pgap = "" if name == "expert" else f" ({p - PAPER_TABLE2['expert'][idx.get(v, 0)]:+.1f})"
-            cells += [f"{r['mean']:.2f} ± {r['stderr']:.2f}{gap}", f"{p:.1f}{pgap}"]
+            if name in PAPER_TABLE2:
+                p = PAPER_TABLE2[name][idx.get(v, 0)]
+                pgap = "" if name == "expert" else f" ({p - PAPER_TABLE2['expert'][idx.get(v, 0)]:+.1f})"
+                paper = f"{p:.1f}{pgap}"
+            else:
+                paper = "—"  # not in the paper
+            cells += [f"{r['mean']:.2f} ± {r['stderr']:.2f}{gap}", paper]
         lines.append(f"| {POLICY_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     over = table["expert"][variances[0]]["stderr_over"]
     lines += [
@@ -308,6 +351,7 @@ def render_run(
     for name, spec in (
         ("Expert", "expert"),
         ("BC", f"bc:{run_dir / 'bc'}"),
+        *([("BCO", f"bco:{run_dir / 'bco'}")] if (run_dir / "bco").is_dir() else []),
         ("MPC_IFT", f"ifo:{run_dir / 'ifo'}"),
     ):
         pol = make_policy(spec)
@@ -403,6 +447,11 @@ def _cmd_train(args: Any) -> int:
             f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
             f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
         )
+    elif args.what == "bco":
+        s = train_bco(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
+                      overwrite=args.overwrite)
+        print(f"BCO: inverse-dynamics loss {s['inverse_loss_final']:.4g}, policy loss "
+              f"{s['policy_loss_final']:.4g} in {s['elapsed_s']:.0f} s -> {args.out}")
     else:
         if not args.dynamics:
             from diffmpc.errors import BadArgumentError
@@ -478,7 +527,7 @@ def register(subparsers: Any) -> None:
         help="train an imitation-from-observation agent (ifo) or BC (bc)",
         description="Train MPC_IFT (paper Alg. 2) or the BC baseline on expert states.",
     )
-    t.add_argument("what", choices=("ifo", "bc"))
+    t.add_argument("what", choices=("ifo", "bc", "bco"))
     t.add_argument("--dataset", required=True, help="expert dataset (.npz from `diffmpc dataset`)")
     t.add_argument(
         "--dynamics", help="bc: IfO output dir/checkpoint whose learned dynamics BC trains through"
@@ -491,11 +540,11 @@ def register(subparsers: Any) -> None:
     e = subparsers.add_parser(
         "evaluate",
         help="average episode cost over the 50 fixed test starts",
-        description="Evaluate policies: expert, expert:cem, ifo:PATH, bc:PATH (repeatable).",
+        description="Evaluate policies: expert, expert:cem, ifo:PATH, bc:PATH, bco:PATH (repeatable).",
     )
     e.add_argument(
         "--policy", action="append", required=True,
-        help="expert (the paper's RS planner) | expert:cem | ifo:PATH | bc:PATH",
+        help="expert (the paper's RS planner) | expert:cem | ifo:PATH | bc:PATH | bco:PATH",
     )
     e.add_argument("--variance", choices=("low", "high", "both"), default="both")
     _common(e, preset=False, seed_help="seed of the sampling planners (expert, MPC_IFT)")

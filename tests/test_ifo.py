@@ -327,7 +327,7 @@ def test_demo_pipeline_writes_table_and_video(tmp_path):
         == 0
     )
     res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["table"]) == {"expert", "bc", "mpc_ift"}
+    assert set(res["table"]) == {"expert", "bc", "bco", "mpc_ift"}
     for name in ("fig3.mp4", "fig3.gif", "trajectories.png", "table2.md"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -393,3 +393,16 @@ def test_bco_inverse_model_labels_the_true_controls():
     with torch.no_grad():
         err = (tr.inverse(x, xn) - u_true).abs().mean()
     assert float(err) < 0.1, float(err)  # vs 0.5 for a constant guess
+
+
+def test_cli_train_bco_and_evaluate(tmp_path):
+    data = ROOT / "data" / "expert_cartpole_rs.npz"
+    out = tmp_path / "bco"
+    assert cli_main(["train", "bco", "--dataset", str(data), "--out", str(out), "--preset", "tiny",
+                     "--no-progress"]) == 0
+    assert cli_main(["train", "bco", "--dataset", str(data), "--out", str(out), "--preset", "tiny",
+                     "--no-progress", "--resume"]) == 0  # finished stages are skipped
+    res = json.loads((out / "results.json").read_text())
+    assert res["command"] == "train bco" and res["provenance"]["dataset_sha256"]
+    pol = make_policy(f"bco:{out}")
+    assert pol(start_states(0.04, n=3)).shape == (3, 1)
