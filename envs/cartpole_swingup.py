@@ -236,10 +236,12 @@ class CartPoleSwingUpEnv(FrameRenderMixin, gym.Env):
             raise ValueError(f"render_mode must be in {self.metadata['render_modes']}, got {render_mode!r}")
         self.render_mode = render_mode
         self.start_mean = np.zeros(4) if start_mean is None else np.asarray(start_mean, dtype=np.float64)
-        if self.start_mean.shape != (4,):
-            raise ValueError(f"start_mean must have shape (4,), got {self.start_mean.shape}")
+        if self.start_mean.shape != (4,) or not np.all(np.isfinite(self.start_mean)):
+            raise ValueError(f"start_mean must be 4 finite numbers, got {self.start_mean.tolist()}")
         self.start_cov = _covariance(start_variance, 4)
         self.width, self.height = int(width), int(height)
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"width and height must be positive, got {width}x{height}")
         self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(4,), dtype=np.float32)
         self.state = np.zeros(4)
@@ -252,8 +254,9 @@ class CartPoleSwingUpEnv(FrameRenderMixin, gym.Env):
         options = options or {}
         if options.get("state") is not None:
             state = np.asarray(options["state"], dtype=np.float64)
-            if state.shape != (4,) or not np.all(np.isfinite(state)):
-                raise ValueError(f"options['state'] must be 4 finite numbers [x, ẋ, θ, θ̇], got {state}")
+            if state.shape != (4,) or not _observable(state):
+                raise ValueError(f"options['state'] must be 4 finite numbers [x, ẋ, θ, θ̇] within float32 "
+                                 f"range (observations are float32), got {state}")
             self.state = state.copy()
         else:
             self.state = self.np_random.multivariate_normal(self.start_mean, self.start_cov)
@@ -268,6 +271,10 @@ class CartPoleSwingUpEnv(FrameRenderMixin, gym.Env):
         with torch.no_grad():
             nxt = cartpole_dynamics(torch.from_numpy(self.state), torch.from_numpy(a))
             cost = float(cartpole_cost(nxt))
+        if not _observable(nxt.numpy()):  # never hand out NaN/inf observations: fail where it happens
+            raise ValueError(f"the cart-pole state diverged: a step from {self.state.tolist()} with action "
+                             f"{a.tolist()} gave {nxt.tolist()}; reset the environment (a smaller start "
+                             "velocity keeps the RK4 step stable)")
         self.state = nxt.numpy().copy()
         self._last_action = float(a[0])
         if self.render_mode == "human":
@@ -277,6 +284,11 @@ class CartPoleSwingUpEnv(FrameRenderMixin, gym.Env):
 
     def draw_frame(self) -> np.ndarray:
         return draw_cartpole(self.state, self._last_action, self.width, self.height)
+
+
+def _observable(state: np.ndarray) -> bool:
+    """Finite, and still finite as the float32 observation."""
+    return bool(np.all(np.isfinite(state)) and np.all(np.abs(state) <= np.finfo(np.float32).max))
 
 
 def draw_cartpole(state: np.ndarray, action: float = 0.0, width: int = 480, height: int = 320) -> np.ndarray:

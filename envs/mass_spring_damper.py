@@ -13,6 +13,7 @@ Stage cost ``xᵀ Q x + uᵀ R u`` with ``Q = I₂`` and ``R = 2``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gymnasium as gym
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .cartpole_swingup import _check_action
+from .cartpole_swingup import _check_action, _observable
 from .rendering import BLACK, BLUE, GREEN, GREY, LIGHT_GREY, RED, Canvas, FrameRenderMixin, HumanViewer
 
 MASS = 1.0  # m
@@ -59,6 +60,9 @@ def msd_matrices(
         raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
     kw = {"dtype": dtype, "device": device}
     c, m, k = (torch.as_tensor(v, **kw) for v in (damping, mass, stiffness))
+    for name, v, raw in (("damping", c, damping), ("mass", m, mass), ("stiffness", k, stiffness)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite, got {raw}")
     if not bool((m > 0).all()):
         raise ValueError(f"mass must be positive, got {mass}")
     c, m, k = torch.broadcast_tensors(c, m, k)
@@ -67,8 +71,8 @@ def msd_matrices(
     B = torch.stack((zero, -1.0 / m), -1).unsqueeze(-1)
     if discretization == "paper":
         return A, B
-    if not dt > 0:
-        raise ValueError(f"dt must be positive for discretization='zoh', got {dt}")
+    if not (dt > 0 and math.isfinite(dt)):
+        raise ValueError(f"dt must be positive and finite for discretization='zoh', got {dt}")
     block = torch.cat((torch.cat((A, B), -1), torch.zeros(*A.shape[:-2], 1, 3, **kw)), -2)
     E = torch.linalg.matrix_exp(block * dt)
     return E[..., :2, :2], E[..., :2, 2:]
@@ -160,8 +164,10 @@ class MassSpringDamperEnv(FrameRenderMixin, gym.Env):
             raise ValueError(f"render_mode must be in {self.metadata['render_modes']}, got {render_mode!r}")
         if not action_bound > 0:
             raise ValueError(f"action_bound must be positive, got {action_bound}")
-        if not start_noise >= 0:
-            raise ValueError(f"start_noise must be >= 0, got {start_noise}")
+        if not (start_noise >= 0 and math.isfinite(start_noise)):
+            raise ValueError(f"start_noise must be finite and >= 0, got {start_noise}")
+        if int(width) < 1 or int(height) < 1:
+            raise ValueError(f"width and height must be positive, got {width}x{height}")
         self.render_mode = render_mode
         self.damping, self.mass, self.stiffness = float(damping), float(mass), float(stiffness)
         self.discretization, self.dt = discretization, float(dt)
@@ -181,8 +187,9 @@ class MassSpringDamperEnv(FrameRenderMixin, gym.Env):
         options = options or {}
         if options.get("state") is not None:
             state = np.asarray(options["state"], dtype=np.float64)
-            if state.shape != (2,) or not np.all(np.isfinite(state)):
-                raise ValueError(f"options['state'] must be 2 finite numbers [position, velocity]: {state}")
+            if state.shape != (2,) or not _observable(state):
+                raise ValueError(f"options['state'] must be 2 finite numbers [position, velocity] within "
+                                 f"float32 range (observations are float32): {state}")
             self.state = state.copy()
         else:
             self.state = np.array(X0, dtype=np.float64)
@@ -200,7 +207,11 @@ class MassSpringDamperEnv(FrameRenderMixin, gym.Env):
             raise ValueError(f"state diverged to {self.state}; reset the environment")
         x, u = torch.from_numpy(self.state), torch.from_numpy(a)
         cost = float(msd_cost(x, u, self.Q, self.R))
-        self.state = msd_dynamics(x, u, self.A, self.B).numpy().copy()
+        nxt = msd_dynamics(x, u, self.A, self.B)
+        if not _observable(nxt.numpy()):  # raise at the step that diverges, not one step later
+            raise ValueError(f"state diverged: a step from {self.state.tolist()} with action {a.tolist()} "
+                             f"gave {nxt.tolist()}; reset the environment")
+        self.state = nxt.numpy().copy()
         self._last_action = float(a[0])
         if self.render_mode == "human":
             self.render()

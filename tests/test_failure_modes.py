@@ -468,3 +468,40 @@ def test_odeint_tiny_step_size_is_refused_before_allocating():
         diffmpc.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), t, options={"step_size": 1e-12})
     with pytest.raises(BadArgumentError, match=r"damping must be >= 0"):
         diffmpc.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), t, options={"damping": -0.5})
+
+
+# ------------------------------------------------------------------------------------------------ environments
+@pytest.mark.parametrize("env_id, kwargs, match", [
+    ("diffmpc/CartPoleSwingUp-v0", {"start_mean": [float("nan"), 0, 0, 0]}, "start_mean must be 4 finite"),
+    ("diffmpc/CartPoleSwingUp-v0", {"start_variance": float("inf")}, "start_variance must be finite"),
+    ("diffmpc/MassSpringDamper-v0", {"damping": float("nan")}, "damping must be finite, got nan"),
+    ("diffmpc/MassSpringDamper-v0", {"stiffness": float("inf")}, "stiffness must be finite, got inf"),
+    ("diffmpc/MassSpringDamper-v0", {"mass": 0.0}, "mass must be positive"),
+])
+def test_env_constructor_arguments(env_id, kwargs, match):
+    import gymnasium as gym
+
+    import envs  # noqa: F401 - registers the ids
+
+    with pytest.raises(ValueError, match=match):
+        gym.make(env_id, **kwargs)
+
+
+def test_env_reset_state_and_diverging_step():
+    import gymnasium as gym
+    import numpy as np
+
+    import envs  # noqa: F401
+
+    env = gym.make("diffmpc/CartPoleSwingUp-v0")
+    with pytest.raises(ValueError, match=r"options\['state'\] must be 4 finite numbers .* float32"):
+        env.reset(options={"state": [0.0, 1e200, 0.0, 0.0]})  # its float32 observation would be inf
+    env.reset(options={"state": [0.0, 0.0, 0.0, 1e30]})
+    with pytest.raises(ValueError, match="the cart-pole state diverged: a step from"):
+        for _ in range(3):  # used to return NaN observations forever
+            env.step(np.array([0.0]))
+    msd = gym.make("diffmpc/MassSpringDamper-v0", damping=-1e18)
+    msd.reset()
+    with pytest.raises(ValueError, match="state diverged: a step from"):
+        for _ in range(10):
+            msd.step(np.array([0.0]))
