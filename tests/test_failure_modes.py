@@ -470,7 +470,7 @@ def test_odeint_tiny_step_size_is_refused_before_allocating():
         diffmpc.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), t, options={"damping": -0.5})
 
 
-# ------------------------------------------------------------------------------------------------ environments
+# ------------------------------------------------------------------------------------------------ envs
 @pytest.mark.parametrize("env_id, kwargs, match", [
     ("diffmpc/CartPoleSwingUp-v0", {"start_mean": [float("nan"), 0, 0, 0]}, "start_mean must be 4 finite"),
     ("diffmpc/CartPoleSwingUp-v0", {"start_variance": float("inf")}, "start_variance must be finite"),
