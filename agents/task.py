@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffmpc.errors import BadArgumentError
+
 __all__ = ["Task", "TaskError", "CARTPOLE", "simulator_for", "env_simulator", "Simulator"]
 
 Simulator = Callable[[Tensor, Tensor], Tensor]
 
 
-class TaskError(ValueError):
+class TaskError(BadArgumentError):
     """The environment, data or simulator do not fit the task (dimensions, bounds, settable state)."""
 
 

@@ -71,6 +71,18 @@ def _variances(which: str) -> dict[str, float]:
     return {which: START_VARIANCES[which]}
 
 
+def task_of_dataset(meta: dict[str, Any], angle_dims: list[int] | None = None) -> Any:
+    """The :class:`agents.task.Task` of a dataset: its env's spaces and the recorded state dimension; the
+    cart-pole's angle (dimension 2) unless ``angle_dims`` says otherwise."""
+    import envs
+    from agents.task import CARTPOLE, Task
+
+    env_id = meta.get("env_id") or envs.CARTPOLE_ID
+    if env_id == envs.CARTPOLE_ID and angle_dims is None:
+        return CARTPOLE
+    return Task.from_env(env_id, angle_dims or (), state_dim=meta.get("state_dim"))
+
+
 def train_ifo(
     dataset: str | Path,
     out: str | Path,
@@ -79,18 +91,21 @@ def train_ifo(
     resume: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    angle_dims: list[int] | None = None,
 ) -> dict[str, Any]:
     """Alg. 2 on the dataset's expert pairs; checkpoint and ``results.json`` under ``out``.
 
     A checkpoint already under ``out`` is continued (``resume``) only if it was trained on the same dataset
-    file (SHA-256), config and seed; without ``resume`` it is refused unless ``overwrite``."""
+    file (SHA-256), config and seed; without ``resume`` it is refused unless ``overwrite``. Any env whose
+    state can be set (``reset(options={"state": x})``) works; its task comes from the dataset's metadata
+    (:func:`task_of_dataset`)."""
     from agents.ifo import IFO_PRESETS, IfOTrainer
     from diffmpc.io import refuse_overwrite, write_results
 
     refuse_overwrite(Path(out) / "ifo_checkpoint.pt", resume, overwrite)
     x, xn, meta = _pairs(dataset)
     trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out),
-                         provenance=dataset_identity(dataset))
+                         provenance=dataset_identity(dataset), task=task_of_dataset(meta, angle_dims))
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train ifo",
@@ -150,17 +165,19 @@ def train_bco(
     resume: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    angle_dims: list[int] | None = None,
 ) -> dict[str, Any]:
     """BCO (inverse-dynamics labels, then supervised BC) on the dataset's expert pairs, querying the
-    cart-pole simulator as IfO does; results under ``out``."""
+    simulator as IfO does; results under ``out``."""
     from agents.bc import BCO_PRESETS, BCOTrainer
-    from agents.task import CARTPOLE, simulator_for
+    from agents.task import simulator_for
     from diffmpc.io import refuse_overwrite, write_results
 
     refuse_overwrite(Path(out) / "bco_checkpoint.pt", resume, overwrite)
     x, xn, meta = _pairs(dataset)
-    trainer = BCOTrainer(x, xn, simulator_for(CARTPOLE), BCO_PRESETS[preset], seed=seed, out=Path(out),
-                         task=CARTPOLE, provenance=dataset_identity(dataset))
+    task = task_of_dataset(meta, angle_dims)
+    trainer = BCOTrainer(x, xn, simulator_for(task), BCO_PRESETS[preset], seed=seed, out=Path(out),
+                         task=task, provenance=dataset_identity(dataset))
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(command="train bco", preset=preset, dataset=str(dataset), dataset_meta=meta,
                    provenance=trainer.provenance, checkpoint=str(trainer.checkpoint_path))
@@ -442,14 +459,14 @@ def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_he
 def _cmd_train(args: Any) -> int:
     if args.what == "ifo":
         s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, angle_dims=args.angle_dims)
         print(
             f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
             f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
         )
     elif args.what == "bco":
         s = train_bco(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, angle_dims=args.angle_dims)
         print(f"BCO: inverse-dynamics loss {s['inverse_loss_final']:.4g}, policy loss "
               f"{s['policy_loss_final']:.4g} in {s['elapsed_s']:.0f} s -> {args.out}")
     else:
@@ -470,9 +487,31 @@ def _cmd_train(args: Any) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
 def _cmd_evaluate(args: Any) -> int:
+    import envs
     from diffmpc.io import write_results
 
+    if args.env != envs.CARTPOLE_ID:  # any registered env: episodes in the Gymnasium loop, fixed seeds
+        from agents.evaluation import evaluate_in_env
+        from diffmpc.errors import BadArgumentError
+
+        if any(spec.partition(":")[0] == "expert" for spec in args.policy):
+            raise BadArgumentError(f"--policy expert plans on the cart-pole's true model, not {args.env}; "
+                                   "evaluate ifo:/bc:/bco: checkpoints trained on it")
+        seeds = list(range(args.seed, args.seed + args.episodes))
+        res = {spec: evaluate_in_env(make_policy(spec), args.env, seeds, progress=not args.no_progress)
+               for spec in args.policy}
+        path = write_results(args.out, {"command": "evaluate", "env": args.env, "seeds": seeds,
+                                        "evaluation": res})
+        for spec, r in res.items():
+            print(f"{spec:>30s}: return {r['mean_return']:.2f} ± {r['return_stderr']:.2f}, cost "
+                  f"{r['mean_cost']:.2f} over {len(seeds)} episodes")
+        print(f"-> {path}")
+        return 0
     policies = {spec: make_policy(spec) for spec in args.policy}
     res = evaluate_policies(
         policies, _variances(args.variance), seed=args.seed, progress=not args.no_progress
@@ -534,6 +573,9 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint under --out")
     t.add_argument("--overwrite", action="store_true", help="discard a checkpoint under --out, start afresh")
+    t.add_argument("--angle-dims", type=_int_list, default=None, metavar="I,J",
+                   help="state dimensions that are angles (default: 2 for the cart-pole, none otherwise; "
+                        "'' for none)")
     _common(t)
     t.set_defaults(handler=_cmd_train)
 
@@ -547,6 +589,11 @@ def register(subparsers: Any) -> None:
         help="expert (the paper's RS planner) | expert:cem | ifo:PATH | bc:PATH | bco:PATH",
     )
     e.add_argument("--variance", choices=("low", "high", "both"), default="both")
+    e.add_argument("--env", default="diffmpc/CartPoleSwingUp-v0",
+                   help="any registered env id; other than the cart-pole: --episodes episodes in the "
+                        "Gymnasium loop with seeds SEED, SEED+1, ... (return from the env's reward)")
+    e.add_argument("--episodes", type=int, default=10, help="episodes per policy for an --env other than the "
+                   "cart-pole (the cart-pole uses its 50 fixed starts)")
     _common(e, preset=False, seed_help="seed of the sampling planners (expert, MPC_IFT)")
     e.set_defaults(handler=_cmd_evaluate)
 

@@ -406,3 +406,23 @@ def test_cli_train_bco_and_evaluate(tmp_path):
     assert res["command"] == "train bco" and res["provenance"]["dataset_sha256"]
     pol = make_policy(f"bco:{out}")
     assert pol(start_states(0.04, n=3)).shape == (3, 1)
+
+
+def test_cli_trains_and_evaluates_on_another_env(tmp_path):
+    """`--env`/metadata-driven CLI on the mass-spring-damper: the dataset names its env, the trainer sizes the
+    task from it and queries the env itself; evaluate runs the Gymnasium loop over seeds."""
+    from agents.dataset import generate_dataset
+
+    env = gym.make(envs.MSD_ID, max_episode_steps=10)
+    generate_dataset(tmp_path / "msd.npz", episodes=2, seed=0, env=env, progress=False,
+                     expert=lambda obs: np.clip(-np.asarray(obs)[..., :1] * 20, -100, 100).astype(np.float32))
+    ifo = tmp_path / "ifo"
+    assert cli_main(["train", "ifo", "--dataset", str(tmp_path / "msd.npz"), "--out", str(ifo), "--preset",
+                     "tiny", "--no-progress"]) == 0
+    assert json.loads((ifo / "results.json").read_text())["task"]["state_dim"] == 2
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--env", envs.MSD_ID, "--episodes", "2", "--policy", f"ifo:{ifo}", "--out",
+                     str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())["evaluation"][f"ifo:{ifo}"]
+    assert len(res["episode_returns"]) == 2 and res["episode_lengths"] == [50, 50]
+    assert cli_main(["evaluate", "--env", envs.MSD_ID, "--policy", "expert", "--out", str(out)]) == 2
