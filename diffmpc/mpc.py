@@ -1,8 +1,8 @@
-r"""The differentiable MPC layer (paper Eq. 5) as an implicit ``argmin`` layer.
+r"""The differentiable MPC layer (paper Eq. 5): a box-constrained argmin over the controls.
 
 Problem. For an observed state ``x_obs`` the layer returns the plan
 
-.. math::  u^*_{0:H-1} = \arg\min_{u} \sum_{t=0}^{H-1} c(x_t, u_t; θ_c) \;[+\, c_T(x_H)]
+.. math::  u^*_{0:H-1} = \arg\min_{u} J(u) = \sum_{t=0}^{H-1} c(x_t, u_t; θ_c) \;[+\, c_T(x_H)]
            \quad\text{s.t.}\quad x_{t+1} = h(x_t, u_t; θ_h),\; x_0 = x_{obs},\; u_{lo} \le u_t \le u_{hi}
            \qquad\text{(Eq. 5)}
 
@@ -16,32 +16,42 @@ cost) is evaluated at the *next* state, ``Σ_{t=0}^{H-1} c(x_{t+1})`` — at the
 control would not enter the objective and the Hessian would be singular. ``cost_on="next"`` with a
 two-argument cost gives ``Σ c(x_{t+1}, u_t)``. An optional ``terminal_cost(x_H)`` is added.
 
-Bounds. The box is removed by the smooth reparametrisation ``u = mid + half·tanh(z)`` (mid/half: centre and
-half-width of the box) and the layer solves for ``z ∈ ℝ^{H×m}``:
+Forward solve (default ``bounds="box"``). (1) A sampler picks a basin: random shooting (``sampler="rs"``,
+the paper's planner) or CEM over plans in the box, with the warm start ``u_init`` (e.g. the previous plan
+shifted by one step, :func:`diffmpc.sampling.shift_plan`) always among the candidates. (2) A batched
+**projected (box-constrained) Newton method in u** (:mod:`diffmpc._box_newton`): per iteration the box QP
+on the quadratic model, the Newton step on the free controls, several step lengths in one batched
+rollout, negative curvature by the absolute-eigenvalue modification with a Levenberg–Marquardt floor. The
+exact gradient and Hessian of J come from per-step Jacobians/Hessians evaluated in one batched call and an
+adjoint/sensitivity recursion (:mod:`diffmpc._mpc_derivatives`; ``derivatives="autograd"`` is the
+double-backward reference). A solve is **converged** iff its KKT residual in the units of u,
+``‖u − P(u − ∇J)‖∞ ≤ tol``, and its last box-QP Newton step ``‖d‖∞ ≤ step_tol``; others warn with
+:class:`diffmpc.ConvergenceWarning` (or raise under ``strict=True``) and are counted in ``info.converged``.
 
-.. math::  z^* = \arg\min_z J(z) = \sum_t c(\,\cdot\,) + \tfrac{ε}{2}\lVert z\rVert^2,
-           \qquad u^* = \mathrm{mid} + \mathrm{half}\tanh(z^*)
+Backward (active-set IFT). At a KKT point the controls on a bound (``info.active``) are fixed there and
+the free ones satisfy ``∇_F J = 0``, so ``∂u_A/∂θ = 0`` and ``∂u_F/∂θ = −(∇²_{FF}J)⁻¹ ∂²J/∂u_F∂θ`` (the
+derivative mpc.pytorch and OptNet use). It is computed by :func:`diffmpc.argmin` (the paper's Alg. 1: CG on
+Hessian-vector products) applied at ``u*`` to the masked objective
 
-The tiny ridge ``ε`` (``bound_reg``, default 1e-4) keeps the minimiser finite when a control sits at its
-bound (without it z* → ±∞ and the Hessian degenerates); there ``u*`` lies within ~ε of the bound and
-``∂u*/∂θ = half·sech²(z*)·∂z*/∂θ ≈ 0``, the correct derivative of an active constraint. Away from the
-bounds the reparametrisation does not move the minimiser (up to the O(ε) ridge; ``bound_reg=0`` removes it)
-and the IFT gradient equals the unconstrained one. Since J is smooth in z, ``diffmpc.argmin`` differentiates
-``z*`` by the IFT (Eqs. 2–3; Hessian-vector products + CG), and autograd applies the chain rule through tanh.
+.. math::  \tilde J(v) = J(\mathrm{where}(A, b, v)) + \tfrac12 \lVert (v - b)_A \rVert^2,
 
-Forward solve. (1) A sampler picks a basin: random shooting (``sampler="rs"``, the paper's planner) or CEM
-over plans in the box, with the warm start ``u_init`` (e.g. the previous plan shifted by one step, see
-:func:`diffmpc.sampling.shift_plan`) always among the candidates. (2) Gradient refinement from the best
-sample — a modified Newton method on dense per-sample Hessians (``solver="newton"``, default,
-:class:`DenseNewton`; D = H·m unknowns is small), matrix-free Newton-CG (``"newton-cg"``, for large H·m)
-or L-BFGS — drives ``‖∇_z J‖`` below ``tol``: a sampled plan alone is not stationary, and the IFT would not
-hold there. The layer reports the stationarity residual
-per sample and warns with :class:`diffmpc.ConvergenceWarning` if it is above ``10·tol``.
+whose Hessian is ``∇²_{FF}J`` on the free block and the identity on the active one, and whose mixed
+derivative vanishes on the active rows. *Degenerate case*: a control exactly on its bound with a zero
+multiplier (``∂J/∂u_i = 0`` there) is not differentiable — the one-sided derivatives differ. The layer
+treats every control on a bound as active and returns the derivative on that face (zero for that control;
+the free block solved with it fixed), as mpc.pytorch does; ``info.active`` shows which controls those are.
+
+``bounds="tanh"`` keeps the former smooth reparametrisation ``u = mid + half·tanh(z)`` with the ridge
+``bound_reg·½‖z‖²`` (biased at the bounds by O(bound_reg); for smooth problems away from the box only), and
+solvers other than ``"newton"`` (``"newton-cg"``, ``"lbfgs"``, a solver object) work on that path (or on
+unbounded controls, where u = z).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,14 +59,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .implicit import ARGMIN_BACKWARDS, ImplicitInfo, argmin
+from ._box_newton import BoxNewton
+from ._mpc_derivatives import autograd_derivatives, rollout, structured_derivatives
+from .implicit import ARGMIN_BACKWARDS, ConvergenceError, ConvergenceWarning, ImplicitInfo, argmin
 from .sampling import cem, random_shooting, shift_plan
 from .solvers import LBFGS, NewtonCG, default_tol
 
-__all__ = ["MPC", "MPCInfo", "MPCSettings", "DenseNewton", "shift_plan"]
+__all__ = ["MPC", "MPCInfo", "MPCSettings", "DenseNewton", "BoxNewton", "shift_plan"]
 
 SAMPLERS = ("rs", "cem", None)
-_Z_START = 2.5  # refinement starts with |z| <= 2.5 (|u - mid| <= 0.987 half): keeps tanh's gradient alive
+BOUNDS = ("box", "tanh")
+DERIVATIVES = ("structured", "autograd")
+_Z_START = 2.5  # tanh path: refinement starts with |z| <= 2.5 (|u - mid| <= 0.987 half)
+
+
+def box_tol(dtype: torch.dtype) -> float:
+    """Default KKT tolerance (and step tolerance) of the box solve, in the units of ∇J and u."""
+    return {torch.float64: 1e-8, torch.float32: 1e-4}.get(dtype, 1e-2)
 
 
 @dataclass(frozen=True)
@@ -79,33 +98,41 @@ class MPCSettings:
     damping: float
     bound_reg: float
     strict: bool
+    bounds: str = "box"
+    derivatives: str = "structured"
+    step_tol: float | None = None
 
 
 @dataclass
 class MPCInfo:
     """Diagnostics of one MPC solve (per sample, shape ``(B,)``).
 
-    ``cost`` is the horizon cost of the returned plan (without the ``bound_reg`` ridge); ``sample_cost`` that
-    of the sampler's best plan before refinement; ``z`` the unconstrained solution; ``implicit`` the
-    :class:`diffmpc.ImplicitInfo` of the argmin layer (its ``backward`` fills in on backward).
+    ``stationarity_residual``: the KKT residual ``‖u − P(u − ∇J)‖∞`` at the returned plan (``bounds="box"``;
+    ‖∇_z J‖₂ on the tanh path); ``converged``: the documented test (KKT ≤ tol and last Newton step ≤
+    step_tol); ``forward_iterations``: Newton iterations; ``cost``: the horizon cost J of the returned plan;
+    ``sample_cost``: that of the sampler's best plan; ``active``: ``(B, H, m)`` controls on a bound (zero
+    derivative); ``step``: ‖d‖∞ of the last Newton step; ``implicit``: the :class:`diffmpc.ImplicitInfo`
+    of the backward's argmin (its ``backward`` fills in on backward); ``z``: tanh path only.
     """
 
     cost: Tensor
     sample_cost: Tensor
-    z: Tensor
+    stationarity_residual: Tensor
+    converged: Tensor
+    forward_iterations: Tensor | None
     implicit: ImplicitInfo
+    tol: float
+    active: Tensor | None = None
+    step: Tensor | None = None
+    z: Tensor | None = None
 
     @property
-    def stationarity_residual(self) -> Tensor:
-        return self.implicit.stationarity_residual
+    def kkt_residual(self) -> Tensor:
+        return self.stationarity_residual
 
     @property
-    def converged(self) -> Tensor:
-        return self.implicit.converged
-
-    @property
-    def forward_iterations(self) -> Tensor | None:
-        return self.implicit.forward_iterations
+    def converged_fraction(self) -> float:
+        return float(self.converged.double().mean()) if self.converged.numel() else 1.0
 
 
 @dataclass(frozen=True)
@@ -215,25 +242,30 @@ class MPC(nn.Module):
 
     Args:
         dynamics: ``h(x (B, n), u (B, m)) -> x_next (B, n)``; callable or ``nn.Module`` (its parameters get
-            gradients).
+            gradients). With ``derivatives="structured"`` it must work under ``torch.func`` transforms (plain
+            tensor ops do; no in-place writes into inputs, no ``.item()``).
         cost: ``c(x, u) -> (B,)`` stage cost, or state-only ``c(x) -> (B,)`` (see ``cost_on``).
         horizon: H ≥ 1.
-        u_low, u_high: control bounds (scalars or ``(m,)``); both ``None`` for unbounded controls (u = z).
+        u_low, u_high: control bounds (scalars or ``(m,)``); both ``None`` for unbounded controls.
         action_dim: m; inferred from the bounds' length (scalar bounds: 1) if not given.
         terminal_cost: optional ``c_T(x_H) -> (B,)``.
         cost_on: ``"auto"`` (state-only costs at the next state, ``c(x, u)`` at the current one),
             ``"current"`` or ``"next"``.
-        solver: gradient refinement: ``"newton"`` (:class:`DenseNewton`, default), ``"newton-cg"``,
-            ``"lbfgs"``, or a solver object with
-            ``.minimize(fun, y0)`` (see :mod:`diffmpc.solvers`).
-        max_iter: iteration cap of the refinement when ``solver`` is a name.
+        solver: ``"newton"`` (default: the projected Newton method in u; Newton on the tanh variable with
+            ``bounds="tanh"``), or — on the tanh path / unbounded only — ``"newton-cg"``, ``"lbfgs"``, or a
+            solver object with ``.minimize(fun, y0)`` (see :mod:`diffmpc.solvers`).
+        max_iter: Newton iteration cap.
         sampler: ``"rs"`` (random shooting, default), ``"cem"`` or ``None`` (start from ``u_init`` / the box
             centre / zero).
         n_samples, cem_iterations, n_elites: sampler sizes.
-        backward: IFT backward of :func:`diffmpc.argmin` (``"cg"`` default, ``"minres"``, ``"dense"``,
-            ``"unroll"``).
-        tol: stationarity tolerance on ‖∇_z J‖ (default by dtype).
-        bound_reg: ridge ε on z (see module docstring); only used with bounds.
+        backward: IFT backward of :func:`diffmpc.argmin` (``"cg"`` default, ``"minres"``, ``"dense"``;
+            ``"unroll"`` only on the tanh path with an unrollable solver).
+        tol: KKT tolerance ``‖u − P(u − ∇J)‖∞`` (default 1e-8 float64, 1e-4 float32); tanh path: ‖∇_z J‖.
+        step_tol: tolerance on the last Newton step ``‖d‖∞`` in units of u (default: as ``tol``).
+        bounds: ``"box"`` (default, constraints with an active set) or ``"tanh"`` (smooth reparametrisation).
+        derivatives: ``"structured"`` (default, per-step derivatives + adjoint recursion) or ``"autograd"``
+            (double backward through the rollout; the reference).
+        bound_reg: tanh path only: ridge ε on z.
         params: extra tensors that ``dynamics``/``cost`` close over and that should get gradients.
         seed: seed of the sampler's generator (``None``: torch's global RNG).
 
@@ -261,9 +293,12 @@ class MPC(nn.Module):
         n_elites: int | None = None,
         backward: str = "cg",
         tol: float | None = None,
+        step_tol: float | None = None,
         backward_tol: float | None = None,
         backward_max_iter: int | None = None,
         damping: float = 0.0,
+        bounds: str = "box",
+        derivatives: str = "structured",
         bound_reg: float = 1e-4,
         strict: bool = False,
         params: Sequence[Tensor] | None = None,
@@ -309,9 +344,24 @@ class MPC(nn.Module):
             raise ValueError("n_samples and cem_iterations must be >= 1")
         if bound_reg < 0:
             raise ValueError(f"bound_reg must be >= 0, got {bound_reg}")
+        if not isinstance(max_iter, int) or max_iter < 0:
+            raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+        for name, v in (("tol", tol), ("step_tol", step_tol)):
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if bounds not in BOUNDS:
+            raise ValueError(f"bounds must be 'box' or 'tanh', got {bounds!r}")
+        if derivatives not in DERIVATIVES:
+            raise ValueError(f"derivatives must be 'structured' or 'autograd', got {derivatives!r}")
         if isinstance(solver, str) and solver not in ("newton", "newton-cg", "lbfgs"):
             raise ValueError(f"unknown solver {solver!r}; choose 'newton', 'newton-cg', 'lbfgs' or pass a "
                              "solver object")
+        if solver != "newton" and bounds == "box" and low is not None:
+            raise ValueError(f"solver={solver!r} cannot handle box constraints; use the default "
+                             "solver='newton' (projected Newton) or bounds='tanh'")
+        if backward == "unroll" and solver == "newton" and (bounds == "box" or low is None):
+            raise ValueError("backward='unroll' needs an unrollable solver: solver='newton-cg' (with "
+                             "bounds='tanh' if the controls are bounded)")
         self.dynamics = dynamics
         self.cost = cost
         self.terminal_cost = terminal_cost
@@ -320,7 +370,7 @@ class MPC(nn.Module):
             sampler=sampler, n_samples=n_samples, cem_iterations=cem_iterations,
             n_elites=n_elites if n_elites is not None else max(1, n_samples // 10), backward=backward,
             tol=tol, backward_tol=backward_tol, backward_max_iter=backward_max_iter, damping=damping,
-            bound_reg=bound_reg, strict=strict)
+            bound_reg=bound_reg, strict=strict, bounds=bounds, derivatives=derivatives, step_tol=step_tol)
         self._max_iter = max_iter
         self._low, self._high = low, high
         self._extra_params = list(params or [])
@@ -339,6 +389,11 @@ class MPC(nn.Module):
     @property
     def bounded(self) -> bool:
         return self._low is not None
+
+    @property
+    def uses_box_newton(self) -> bool:
+        """Whether the forward is the projected Newton method in u (else the tanh / generic-solver path)."""
+        return self.settings.solver == "newton" and (self.settings.bounds == "box" or not self.bounded)
 
     def bounds(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """``(u_low, u_high)`` as ``(m,)`` tensors on ``like``'s device/dtype (±inf if unbounded)."""
@@ -361,14 +416,14 @@ class MPC(nn.Module):
         return self._generators[key]
 
     def to_u(self, z: Tensor) -> Tensor:
-        """``u = mid + half·tanh(z)`` (identity when unbounded)."""
+        """tanh path: ``u = mid + half·tanh(z)`` (identity when unbounded)."""
         if not self.bounded:
             return z
         low, high = self.bounds(z)
         return (high + low) / 2 + (high - low) / 2 * torch.tanh(z)
 
     def to_z(self, u: Tensor, clip: float = _Z_START) -> Tensor:
-        """Inverse of :meth:`to_u`, with ``|z| ≤ clip`` (the refinement's starting region)."""
+        """Inverse of :meth:`to_u`, with ``|z| ≤ clip`` (the tanh refinement's starting region)."""
         if not self.bounded:
             return u
         low, high = self.bounds(u)
@@ -389,6 +444,14 @@ class MPC(nn.Module):
         return found + [p for p in self._extra_params if id(p) not in seen]
 
     # ------------------------------------------------------------------ the objective
+    def step(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of the horizon: ``(x_next (B, n), stage cost (B,))`` under the cost convention."""
+        s = self.settings
+        xn = self.dynamics(x, u)
+        if s.state_only_cost:
+            return xn, self.cost(xn)
+        return xn, self.cost(xn if s.cost_on == "next" else x, u)
+
     def rollout(self, x0: Tensor, u: Tensor) -> Tensor:
         """States ``(B, H+1, n)`` of the plan ``u (B, H, m)`` from ``x0 (B, n)`` under the dynamics."""
         xs = [x0]
@@ -397,29 +460,35 @@ class MPC(nn.Module):
         return torch.stack(xs, 1)
 
     def horizon_cost(self, x0: Tensor, u: Tensor) -> Tensor:
-        """``Σ_t c(·) [+ c_T(x_H)]`` of Eq. 5 for plans ``u (B, H, m)`` from ``x0 (B, n)`` → ``(B,)``."""
-        s = self.settings
-        x = x0
-        total = x0.new_zeros(x0.shape[0])
-        for t in range(u.shape[1]):
-            ut = u[:, t]
-            xn = self.dynamics(x, ut)
-            if s.state_only_cost:
-                c = self.cost(xn)
-            else:
-                c = self.cost(xn if s.cost_on == "next" else x, ut)
-            total = total + c
-            x = xn
-        if self.terminal_cost is not None:
-            total = total + self.terminal_cost(x)
-        return total
+        """``J = Σ_t c(·) [+ c_T(x_H)]`` of Eq. 5 for plans ``u (B, H, m)`` from ``x0 (B, n)`` → ``(B,)``."""
+        return rollout(self.step, self.terminal_cost, x0, u)[1]
 
     def objective(self, z: Tensor, x0: Tensor) -> Tensor:
-        """``J(z) = horizon_cost(x0, u(z)) + ε/2 ‖z‖²`` — the function the argmin layer minimises."""
+        """tanh path: ``J(z) = horizon_cost(x0, u(z)) + ε/2 ‖z‖²``."""
         J = self.horizon_cost(x0, self.to_u(z))
         if self.bounded and self.settings.bound_reg:
             J = J + 0.5 * self.settings.bound_reg * z.pow(2).flatten(1).sum(1)
         return J
+
+    def masked_objective(self, u: Tensor, x0: Tensor, active: Tensor, bound: Tensor) -> Tensor:
+        """Backward's objective ``J(where(A, b, u)) + ½‖(u − b)_A‖²`` (module docstring): its IFT derivative
+        at a KKT point is the active-set derivative of the box-constrained solution."""
+        v = torch.where(active, bound, u)
+        return self.horizon_cost(x0, v) + 0.5 * ((u - bound) * active).pow(2).flatten(1).sum(1)
+
+    def derivatives(self, x0: Tensor, u: Tensor, structured: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Exact ``∇J (B, H·m)`` and ``∇²J (B, H·m, H·m)`` at plans ``u (B, H, m)`` (no autograd graph).
+
+        ``structured`` (default: the layer's ``derivatives`` setting) uses per-step derivatives and the
+        adjoint/sensitivity recursion; otherwise double backward through the rollout.
+        """
+        if structured is None:
+            structured = self.settings.derivatives == "structured"
+        with torch.no_grad():
+            if structured:
+                xs, _ = rollout(self.step, self.terminal_cost, x0, u)
+                return structured_derivatives(self.step, self.terminal_cost, xs, u)
+        return autograd_derivatives(lambda v: self.horizon_cost(x0, v), u)
 
     def _check_model(self, x0: Tensor) -> None:
         with torch.no_grad():
@@ -459,6 +528,8 @@ class MPC(nn.Module):
         unbatched = x0.ndim == 1
         xb = x0.unsqueeze(0) if unbatched else x0
         B, H, m = xb.shape[0], s.horizon, s.action_dim
+        if B == 0:
+            raise ValueError("x0 has an empty batch (B = 0); pass at least one state")
         if not bool(torch.isfinite(xb).all()):
             raise ValueError("x0 contains NaN or inf")
         self._check_model(xb.detach())
@@ -470,10 +541,76 @@ class MPC(nn.Module):
             if u_init.shape != (B, H, m):
                 raise ValueError(f"u_init must have shape ({B}, {H}, {m}) or ({H}, {m}), got "
                                  f"{tuple(u_init.shape)}")
+            if not bool(torch.isfinite(u_init).all()):
+                raise ValueError("u_init contains NaN or inf")
             u_init = torch.minimum(torch.maximum(u_init, low), high)
         x_det = xb.detach()
         with torch.no_grad():
             u_start, sample_cost = self._sample(x_det, u_init, low, high)
+        u, info = (self._forward_box if self.uses_box_newton else self._forward_tanh)(
+            xb, x_det, u_start, sample_cost, low, high)
+        return (u[0] if unbatched else u), info
+
+    def _forward_box(self, xb, x_det, u_start, sample_cost, low, high) -> tuple[Tensor, MPCInfo]:
+        s = self.settings
+        B, H, m = u_start.shape
+        D = H * m
+        tol = s.tol if s.tol is not None else box_tol(xb.dtype)
+        step_tol = s.step_tol if s.step_tol is not None else tol
+        structured = s.derivatives == "structured"
+
+        def evaluate(uf: Tensor):
+            x0 = x_det if uf.shape[0] == B else x_det.repeat_interleave(uf.shape[0] // B, 0)
+            xs, J = rollout(self.step, self.terminal_cost, x0, uf.view(-1, H, m))
+            return J, xs
+
+        def derivatives(uf: Tensor, xs: Tensor):
+            if structured:
+                return structured_derivatives(self.step, self.terminal_cost, xs, uf.view(B, H, m))
+            return autograd_derivatives(lambda v: self.horizon_cost(x_det, v), uf.view(B, H, m))
+
+        lo, hi = low.repeat(H), high.repeat(H)
+        with torch.no_grad():
+            res = BoxNewton(tol=tol, step_tol=step_tol, max_iter=self._max_iter).minimize(
+                derivatives, evaluate, u_start.reshape(B, D), lo, hi)
+        u_star = res.u.view(B, H, m)
+        g = res.grad.view(B, H, m)
+        # Active set: controls on a bound (within step_tol; they are then put exactly on it).
+        at_lo = self.bounded & (u_star - low <= step_tol) & (g >= -tol)
+        at_hi = self.bounded & (high - u_star <= step_tol) & (g <= tol) & ~at_lo
+        active = at_lo | at_hi
+        bound = torch.where(at_lo, low, torch.where(at_hi, high, torch.zeros_like(u_star)))
+        u_star = torch.where(active, bound, u_star)
+        converged = res.converged
+        if not bool(converged.all()):
+            bad = ~converged
+            idx = torch.nonzero(bad).flatten().tolist()
+            shown = ", ".join(f"#{i}: kkt {res.kkt[i].item():.3g}, step {res.step[i].item():.3g}, "
+                              f"{int(res.iterations[i])} it" for i in idx[:8])
+            more = " ..." if len(idx) > 8 else ""
+            msg = (f"MPC: {len(idx)} of {B} solves did not converge ({shown}{more}; "
+                   f"test: KKT residual ‖u − P(u − ∇J)‖∞ ≤ tol={tol:g} and Newton step ≤ step_tol="
+                   f"{step_tol:g}). Their IFT gradients are not valid; raise max_iter or improve the first "
+                   "guess (more samples, sampler='cem', a warm start).")
+            if s.strict:
+                raise ConvergenceError(msg)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        # Backward: diffmpc.argmin at u* on the masked objective (the forward solve is already done).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # reported above, in the units of u
+            u_out, iinfo = argmin(self.masked_objective, u_star, xb, active, bound, solver=_given,
+                                  backward=s.backward, tol=tol * math.sqrt(D), backward_tol=s.backward_tol,
+                                  backward_max_iter=s.backward_max_iter, damping=s.damping, strict=s.strict,
+                                  params=self.parameters_for_gradient(), return_info=True)
+        with torch.no_grad():
+            final_cost = self.horizon_cost(x_det, u_star)
+        info = MPCInfo(cost=final_cost, sample_cost=sample_cost, stationarity_residual=res.kkt,
+                       converged=converged, forward_iterations=res.iterations, implicit=iinfo, tol=tol,
+                       active=active, step=res.step)
+        return u_out, info
+
+    def _forward_tanh(self, xb, x_det, u_start, sample_cost, low, high) -> tuple[Tensor, MPCInfo]:
+        s = self.settings
         z0 = self.to_z(u_start)
         z, iinfo = argmin(self.objective, z0, xb, solver=self._make_solver(xb.dtype), backward=s.backward,
                           tol=s.tol, backward_tol=s.backward_tol, backward_max_iter=s.backward_max_iter,
@@ -482,8 +619,11 @@ class MPC(nn.Module):
         u = self.to_u(z)
         with torch.no_grad():
             final_cost = self.horizon_cost(x_det, u.detach())
-        info = MPCInfo(cost=final_cost, sample_cost=sample_cost, z=z.detach(), implicit=iinfo)
-        return (u[0] if unbatched else u), info
+        info = MPCInfo(cost=final_cost, sample_cost=sample_cost,
+                       stationarity_residual=iinfo.stationarity_residual, converged=iinfo.converged,
+                       forward_iterations=iinfo.forward_iterations, implicit=iinfo, tol=iinfo.tol,
+                       z=z.detach())
+        return u, info
 
     def _sample(self, x0: Tensor, u_init: Tensor | None, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
         s = self.settings
@@ -503,4 +643,10 @@ class MPC(nn.Module):
     def extra_repr(self) -> str:
         s = self.settings
         return (f"horizon={s.horizon}, action_dim={s.action_dim}, bounded={self.bounded}, "
-                f"cost_on={s.cost_on}, sampler={s.sampler}, solver={s.solver}, backward={s.backward}")
+                f"bounds={s.bounds}, cost_on={s.cost_on}, sampler={s.sampler}, solver={s.solver}, "
+                f"backward={s.backward}")
+
+
+def _given(fun: Callable[[Tensor], Tensor], y0: Tensor) -> Tensor:
+    """Black-box 'solver' for :func:`diffmpc.argmin`: the solution was computed before (the box solve)."""
+    return y0

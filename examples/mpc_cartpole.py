@@ -1,20 +1,25 @@
 """MPCPolicy on the cart-pole swing-up with the true dynamics and cost, in a plain Gymnasium loop + a video.
 
-Each step solves the horizon problem (paper Eq. 5) with random shooting followed by Newton refinement to a
-stationary point (so the same policy is differentiable by the IFT), warm-started from the shifted
-previous plan.
+Each step solves the horizon problem (paper Eq. 5) with random shooting followed by the box-constrained
+(projected) Newton method to a KKT point (so the same policy is differentiable by the active-set IFT),
+warm-started from the shifted previous plan. Every solve's KKT residual, Newton iterations, convergence and
+CPU time are recorded.
 
     .venv/bin/python examples/mpc_cartpole.py --seed 0 --out runs/mpc_cartpole [--steps 40] [--samples 200]
 
-Writes ``OUT/mpc_cartpole.mp4`` (+ ``.gif``) and ``OUT/results.json`` (episode cost, per-step stationarity).
-With the true model each action takes seconds on a CPU (Newton through 10 steps × 4 RK4 substeps, the
-expert's planning model); --steps shortens the episode.
+Writes ``OUT/mpc_cartpole.mp4`` (+ ``.gif``) and ``OUT/results.json`` (episode cost, per-step KKT residual,
+iterations, converged, wall and CPU seconds per action; command, git commit, threads, load average).
+--steps shortens the episode, --no-video skips rendering.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -22,6 +27,7 @@ import torch
 
 import envs
 from agents import MPCPolicy
+from diffmpc import ConvergenceWarning
 from diffmpc.io import write_results
 from envs.video import write_video
 
@@ -33,44 +39,75 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--horizon", type=int, default=10)
     ap.add_argument("--samples", type=int, default=200, help="random-shooting particles before refinement")
-    ap.add_argument("--max-iter", type=int, default=30, help="Newton iterations per action")
+    ap.add_argument("--max-iter", type=int, default=25, help="Newton iteration budget per action")
+    ap.add_argument("--tol", type=float, default=1e-6, help="KKT tolerance (and Newton step tolerance)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the one-core measurement)")
+    ap.add_argument("--no-video", action="store_true", help="skip rendering (timing runs)")
     ap.add_argument("--substeps", type=int, default=4,
                     help="RK4 substeps of the planner's model (the env integrates with 10; 4 is the expert's "
                          "planning model, 2.5x cheaper)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
 
-    env = gym.make(envs.CARTPOLE_ID, render_mode="rgb_array")
+    env = gym.make(envs.CARTPOLE_ID, render_mode=None if args.no_video else "rgb_array")
 
     def model(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return envs.cartpole_dynamics(x, u, substeps=args.substeps)
 
     policy = MPCPolicy(dynamics=model, cost=envs.cartpole_cost,
                        horizon=args.horizon, action_space=env.action_space, n_samples=args.samples,
-                       max_iter=args.max_iter, tol=1e-6, seed=args.seed)
+                       max_iter=args.max_iter, tol=args.tol, seed=args.seed)
     obs, info = env.reset(seed=args.seed)
     policy.reset(seed=args.seed)
-    frames, costs, residuals, times = [env.render()], [], [], []
-    for _ in range(args.steps):  # the plain Gymnasium loop
-        t0 = time.perf_counter()
-        action = policy.act(obs)
-        times.append(time.perf_counter() - t0)
-        residuals.append(float(policy.last_info.stationarity_residual.max()))
-        obs, reward, terminated, truncated, info = env.step(action)
-        costs.append(info["cost"])
-        frames.append(env.render())
-        if terminated or truncated:
-            break
+    frames = [] if args.no_video else [env.render()]
+    costs, residuals, iterations, converged, times, cpu = [], [], [], [], [], []
+    load_before = os.getloadavg()
+    with warnings.catch_warnings(record=True):  # non-convergence is counted below, not printed per step
+        warnings.simplefilter("always", ConvergenceWarning)
+        for _ in range(args.steps):  # the plain Gymnasium loop
+            t0, c0 = time.perf_counter(), time.process_time()
+            action = policy.act(obs)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            info_mpc = policy.last_info
+            residuals.append(float(info_mpc.stationarity_residual.max()))
+            iterations.append(int(info_mpc.forward_iterations.max()))
+            converged.append(bool(info_mpc.converged.all()))
+            obs, reward, terminated, truncated, info = env.step(action)
+            costs.append(info["cost"])
+            if not args.no_video:
+                frames.append(env.render())
+            if terminated or truncated:
+                break
     env.close()
-    paths = write_video(frames, f"{args.out}/mpc_cartpole", fps=env.metadata.get("render_fps", 10))
-    res = {"seed": args.seed, "steps": len(costs), "episode_cost": float(np.sum(costs)), "step_costs": costs,
-           "stationarity_residual": residuals, "seconds_per_action": float(np.mean(times)),
+    paths = [] if args.no_video else write_video(frames, f"{args.out}/mpc_cartpole",
+                                                 fps=env.metadata.get("render_fps", 10))
+    res = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "git_commit": _git_commit(), "threads": torch.get_num_threads(),
+           "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+           "seed": args.seed, "steps": len(costs), "episode_cost": float(np.sum(costs)), "step_costs": costs,
+           "kkt_residual": residuals, "stationarity_residual": residuals, "iterations": iterations,
+           "converged": converged, "n_converged": int(sum(converged)), "max_iterations": max(iterations),
+           "mean_iterations": float(np.mean(iterations)), "seconds_per_action": float(np.mean(times)),
+           "cpu_seconds_per_action": float(np.mean(cpu)), "wall_seconds": times, "cpu_seconds": cpu,
            "videos": [str(p) for p in paths], "horizon": args.horizon, "samples": args.samples,
-           "substeps": args.substeps, "max_iter": args.max_iter}
+           "substeps": args.substeps, "max_iter": args.max_iter, "tol": args.tol}
     write_results(args.out, res)
-    print(f"{len(costs)} steps, episode cost {res['episode_cost']:.3f}, max stationarity residual "
-          f"{max(residuals):.2e}, {res['seconds_per_action']:.1f} s/action -> {paths}")
+    print(f"{len(costs)} steps, episode cost {res['episode_cost']:.3f}, converged {res['n_converged']}/"
+          f"{len(costs)} (KKT ≤ {args.tol:g}), iterations mean {res['mean_iterations']:.1f} max "
+          f"{res['max_iterations']}, {res['seconds_per_action']:.3f} s/action wall, "
+          f"{res['cpu_seconds_per_action']:.3f} s CPU -> {paths}")
     return 0
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 if __name__ == "__main__":

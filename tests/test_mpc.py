@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from diffmpc import MPC, ConvergenceWarning
+from diffmpc import MPC, ConvergenceError, ConvergenceWarning
 from diffmpc.nn import MLPDynamics, QuadraticCost, SaturatingCost, TargetStateCost
 from diffmpc.sampling import cem, random_shooting, shift_plan
 
@@ -238,8 +238,11 @@ def test_bad_inputs_give_clear_errors():
 def test_non_convergence_warns_with_residuals():
     theta, dyn, cost = pendulum_problem()
     mpc = MPC(dyn, cost, 8, -1.0, 1.0, sampler=None, max_iter=1)
-    with pytest.warns(ConvergenceWarning, match="not stationary"):
-        mpc(torch.tensor([[2.0, 1.0]], dtype=DT))
+    with pytest.warns(ConvergenceWarning, match="1 of 1 solves did not converge.*KKT residual"):
+        _, info = mpc(torch.tensor([[0.3, -0.2]], dtype=DT))
+    assert not bool(info.converged.any()) and float(info.stationarity_residual[0]) > info.tol
+    with pytest.raises(ConvergenceError, match="did not converge"):
+        MPC(dyn, cost, 8, -1.0, 1.0, sampler=None, max_iter=1, strict=True)(torch.tensor([[0.3, -0.2]], dtype=DT))
 
 
 def test_neural_dynamics_and_learnable_costs_get_correct_gradients():
@@ -351,3 +354,136 @@ def test_mpc_cartpole_example_runs_a_gymnasium_episode_and_writes_a_video(tmp_pa
     assert res["steps"] == 2 and len(res["stationarity_residual"]) == 2
     assert max(res["stationarity_residual"]) <= 1e-6
     assert (tmp_path / "mpc_cartpole.mp4").stat().st_size > 0 and (tmp_path / "mpc_cartpole.gif").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The box-constrained layer (issue 13): exact constrained optimum, active-set derivative, structured Hessian
+
+
+def test_one_step_target_beyond_the_bound_is_exactly_on_the_bound_with_zero_derivative():
+    # The tanh path returned u* = 0.995 and du*/da = 0.22 here; the box-constrained answer is 1 and 0.
+    a = torch.tensor(1.01, dtype=DT, requires_grad=True)
+    mpc = MPC(lambda x, u: x + u, lambda x: ((x - a) ** 2).sum(-1), 1, -1.0, 1.0, params=[a], seed=0)
+    u, info = mpc(torch.zeros(1, 1, dtype=DT))
+    assert float(u.detach()) == 1.0 and bool(info.active.all()) and bool(info.converged.all())
+    (g,) = torch.autograd.grad(u.sum(), a)
+    assert float(g) == 0.0
+    # just inside the box the control is free and follows the target: du*/da = 1
+    a.data.fill_(0.99)
+    u, info = mpc(torch.zeros(1, 1, dtype=DT))
+    assert abs(float(u.detach()) - 0.99) < 1e-12 and not bool(info.active.any())
+    (g,) = torch.autograd.grad(u.sum(), a)
+    assert abs(float(g) - 1.0) < 1e-10
+
+
+def active_set_derivative(J, u_star, theta, low, high, atol=1e-9):
+    """Independent box-constrained derivative du*/dθ (D, P) at one KKT point: the active-set KKT system
+    ``[H_FF] du_F = −∂²J/∂u_F∂θ``, du_A = 0, with H and the mixed derivative from torch.autograd.functional."""
+    u_star = u_star.detach()
+    hess = torch.autograd.functional.hessian(lambda v: J(v, theta.detach()), u_star)
+    mixed = torch.autograd.functional.jacobian(
+        lambda t: torch.autograd.grad(J(u_star.requires_grad_(), t), u_star, create_graph=True)[0],
+        theta.detach())
+    active = (u_star - low <= atol) | (high - u_star <= atol)
+    free = torch.nonzero(~active).flatten()
+    out = torch.zeros(u_star.numel(), theta.numel(), dtype=DT)
+    out[free] = -torch.linalg.solve(hess[free][:, free], mixed[free])
+    return out, active
+
+
+def test_gradient_equals_the_active_set_kkt_derivative_with_weakly_active_bounds():
+    """Default settings; bounds chosen so that the unconstrained optimum only just leaves the box: small
+    multipliers ("weakly active"), where the former tanh + ridge was 57–71 % off."""
+    theta, dyn, cost = pendulum_problem()
+    x0 = torch.tensor([[0.3, -0.2]], dtype=DT)
+    H = 8
+    u_unc, _ = MPC(dyn, cost, H, -50.0, 50.0, params=[theta], sampler=None)(x0)
+    u_max = 0.97 * float(u_unc.abs().max())  # just inside: the largest control(s) become weakly active
+    mpc = MPC(dyn, cost, H, -u_max, u_max, params=[theta], seed=0, n_samples=64)
+    u, info = mpc(x0)
+    assert bool(info.converged.all()) and 1 <= int(info.active.sum()) < H
+
+    def J(v, t):  # the same horizon objective as a function of the plan and of θ
+        def dyn_t(x, w):
+            th, om = x[:, 0], x[:, 1]
+            om2 = om + 0.1 * (-torch.sin(th) - t[0] * om + t[1] * w[:, 0])
+            return torch.stack([th + 0.1 * om2, om2], -1)
+
+        def cost_t(x, w):
+            return (x[:, 0] - t[2]) ** 2 + 0.1 * x[:, 1] ** 2 + 0.01 * w[:, 0] ** 2
+
+        return MPC(dyn_t, cost_t, H, -u_max, u_max).horizon_cost(x0, v.view(1, H, 1)).sum()
+
+    want, active = active_set_derivative(J, u.flatten(), theta, -u_max, u_max)
+    assert torch.equal(active, info.active.flatten())
+    got = torch.stack([torch.autograd.grad(u.flatten()[i], theta, retain_graph=True)[0]
+                       for i in range(H)])
+    assert float((got - want).norm() / want.norm()) <= 1e-6
+    # the multipliers really are small but non-zero (strict complementarity holds)
+    g, _ = mpc.derivatives(x0, u.detach())
+    mult = g.flatten()[info.active.flatten()].abs()
+    assert bool((mult > 1e-6).all()) and float(mult.max()) < 0.1
+    # and the plan is the box optimum: scipy's L-BFGS-B from another start agrees
+    scipy_opt = pytest.importorskip("scipy.optimize")
+
+    def fg(v):
+        vt = torch.tensor(v, dtype=DT, requires_grad=True)
+        f = mpc.horizon_cost(x0, vt.view(1, H, 1)).sum()
+        (gv,) = torch.autograd.grad(f, vt)
+        return float(f), gv.numpy()
+
+    ref = scipy_opt.minimize(fg, [0.0] * H, jac=True, method="L-BFGS-B", bounds=[(-u_max, u_max)] * H,
+                             options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 1000})
+    assert float(ref.fun) >= float(info.cost) - 1e-12
+    assert max(abs(a - b) for a, b in zip(ref.x, u.flatten().tolist(), strict=True)) < 1e-5
+
+
+def _structured_cases():
+    torch.manual_seed(0)
+    theta, pend, pend_cost = pendulum_problem()
+    mlp = MLPDynamics(3, 2, hidden=(8,)).double()
+    yield "pendulum c(x, u)", dict(dynamics=pend, cost=pend_cost), 2, 1
+    yield "state-only c(x_next) + terminal", dict(
+        dynamics=pend, cost=lambda x: (x ** 2).sum(-1) + torch.cos(x[:, 0]),
+        terminal_cost=lambda x: torch.exp(0.3 * x).sum(-1)), 2, 1
+    yield "mlp, cost_on=next c(x_next, u)", dict(
+        dynamics=mlp, cost=lambda x, u: (x ** 2).sum(-1) + (u ** 3).sum(-1), cost_on="next"), 3, 2
+    envs = pytest.importorskip("envs")
+    yield "cart-pole RK4", dict(dynamics=lambda x, u: envs.cartpole_dynamics(x, u, substeps=2),
+                                cost=envs.cartpole_cost), 4, 1
+
+
+def test_structured_derivatives_equal_autograd_double_backward():
+    g = torch.Generator().manual_seed(0)
+    for name, kw, n, m in _structured_cases():
+        H = 5
+        mpc = MPC(horizon=H, u_low=-1.0, u_high=1.0, action_dim=m, **kw)
+        x0 = torch.randn(3, n, generator=g, dtype=DT)
+        u = 2 * torch.rand(3, H, m, generator=g, dtype=DT) - 1
+        g1, h1 = mpc.derivatives(x0, u, structured=True)
+        g2, h2 = mpc.derivatives(x0, u, structured=False)
+        scale = h2.abs().max()
+        assert torch.allclose(g1, g2, rtol=0, atol=1e-12 * max(1.0, float(g2.abs().max()))), name
+        assert float((h1 - h2).abs().max()) <= 1e-12 * max(1.0, float(scale)), name
+
+
+@pytest.mark.parametrize("derivatives", ["structured", "autograd"])
+def test_box_newton_reaches_the_same_optimum_with_either_derivative(derivatives):
+    theta, dyn, cost = pendulum_problem()
+    x0 = torch.tensor([[0.3, -0.2], [-0.4, 0.5], [2.0, 1.0]], dtype=DT)
+    mpc = MPC(dyn, cost, 8, -0.6, 0.6, params=[theta], seed=0, n_samples=32, derivatives=derivatives)
+    u, info = mpc(x0)
+    assert bool(info.converged.all()) and int(info.forward_iterations.max()) <= 10
+    assert float(info.stationarity_residual.max()) <= 1e-8
+    ref, _ = MPC(dyn, cost, 8, -0.6, 0.6, params=[theta], seed=0, n_samples=32)(x0)
+    assert torch.allclose(u, ref, atol=1e-9)
+
+
+def test_tanh_bounds_option_still_works_for_smooth_interior_problems():
+    theta, dyn, cost = pendulum_problem()
+    x0 = torch.tensor([[0.3, -0.2]], dtype=DT)
+    u_box, _ = MPC(dyn, cost, 6, -5.0, 5.0, sampler=None)(x0)
+    u_tanh, info = MPC(dyn, cost, 6, -5.0, 5.0, sampler=None, bounds="tanh", bound_reg=0.0, tol=1e-11)(x0)
+    assert info.z is not None and torch.allclose(u_box, u_tanh, atol=1e-8)
+    with pytest.raises(ValueError, match="cannot handle box constraints"):
+        MPC(dyn, cost, 6, -1.0, 1.0, solver="lbfgs")

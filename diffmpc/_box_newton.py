@@ -1,0 +1,193 @@
+r"""Batched box-constrained (projected) Newton method for small bounded problems (private; used by MPC).
+
+Problem: ``min_u J(u)`` s.t. ``lo ≤ u ≤ hi`` per sample, ``u ∈ ℝ^D`` (MPC: D = H·m), with the exact
+gradient ``g`` and Hessian ``∇²J`` supplied by a callback. Iteration (Bertsekas' projected Newton in the
+box-QP form of Tassa et al.'s control-limited DDP):
+
+1. **Model.** ``∇²J = V Λ Vᵀ``; the model Hessian is ``V max(|Λ|, δ) Vᵀ`` — Newton's matrix where J is
+   convex, the absolute-value ("saddle-free") modification at negative curvature, so the model is always
+   convex. ``δ = max(μ, 10³·ε_mach·max|λ|)``: the second term only guards the factorisation, the floor
+   that matters is the Levenberg–Marquardt / trust-region parameter ``μ``, which starts at 0 (pure Newton)
+   and grows only when no step length decreases J, from ``μ₀ = 10⁻⁴·mean|diag ∇²J|``.
+2. **Box QP.** ``d = argmin gᵀd + ½ dᵀ H_mod d`` s.t. ``lo − u ≤ d ≤ hi − u``, by projected Newton on the
+   quadratic model: the free controls take the Newton step with the free block of H_mod, the clamped ones
+   stay on their bound; a few inner iterations identify the active set.
+3. **Step lengths.** ``u + α d`` (feasible for α ∈ [0, 1]) for several α in *one batched evaluation*;
+   the largest α that satisfies Armijo's condition is taken per sample.
+
+Stopping test (per sample, in the units of u): the KKT residual ``‖u − P(u − ∇J)‖∞ ≤ tol`` (the projected
+gradient; ∇J on free controls, the wrong-signed part on clamped ones) **and** the Newton step of the box QP
+``‖d‖∞ ≤ step_tol`` (u is within ~step_tol of the model's optimum, also along flat directions). The test is
+made at the returned point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ALPHAS = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01, 3e-3, 1e-3)
+
+
+def kkt_residual(u: Tensor, g: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``‖u − P_[lo,hi](u − g)‖∞`` per sample (``u, g: (B, D)``)."""
+    return (u - torch.minimum(torch.maximum(u - g, lo), hi)).abs().amax(1)
+
+
+def box_qp(hess: Tensor, g: Tensor, lo: Tensor, hi: Tensor, fixed: Tensor | None = None,
+           max_iter: int = 50) -> tuple[Tensor, Tensor]:
+    """Batched ``argmin_d gᵀd + ½ dᵀ hess d`` s.t. ``lo ≤ d ≤ hi`` (``lo ≤ hi``; ``hess`` SPD on the
+    non-``fixed`` block; ``fixed`` coordinates stay at ``lo = hi``).
+
+    Projected Newton on the quadratic: returns ``(d (B, D), clamped (B, D) bool)``.
+    """
+    B, D = g.shape
+    fixed = torch.zeros_like(g, dtype=torch.bool) if fixed is None else fixed
+    d = torch.minimum(torch.maximum(torch.zeros_like(g), lo), hi)
+    betas = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.01, 1e-3], dtype=g.dtype, device=g.device)
+    tol = torch.finfo(g.dtype).eps ** 0.75 * (1 + g.abs().amax(1))
+    todo = torch.ones(B, dtype=torch.bool, device=g.device)
+    clamped = torch.zeros_like(g, dtype=torch.bool)
+
+    def q(v: Tensor) -> Tensor:
+        hv = (hess.unsqueeze(1) @ v.unsqueeze(-1)).squeeze(-1)
+        return (g.unsqueeze(1) * v).sum(-1) + 0.5 * (v * hv).sum(-1)
+
+    for _ in range(max_iter):
+        grad = g + (hess @ d.unsqueeze(-1)).squeeze(-1)
+        clamped = fixed | ((d <= lo) & (grad > 0)) | ((d >= hi) & (grad < 0))
+        pg = (d - torch.minimum(torch.maximum(d - grad, lo), hi)).masked_fill(fixed, 0).abs().amax(1)
+        todo = todo & (pg > tol)
+        if not bool(todo.any()):
+            break
+        free = (~clamped).to(g.dtype)
+        M = hess * free.unsqueeze(1) * free.unsqueeze(2) + torch.diag_embed(1 - free)
+        rhs = -(g + (hess @ (d * (1 - free)).unsqueeze(-1)).squeeze(-1)) * free
+        L, bad = torch.linalg.cholesky_ex(M)
+        sol = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        if bool(bad.any()):  # not SPD numerically (should not happen with the modified Hessian)
+            sol = torch.where((bad > 0).unsqueeze(-1), torch.linalg.lstsq(M, rhs.unsqueeze(-1)).solution
+                              .squeeze(-1), sol)
+        target = torch.where(clamped, d, sol)
+        step = target - d
+        cand = torch.minimum(torch.maximum(d.unsqueeze(1) + betas.view(1, -1, 1) * step.unsqueeze(1),
+                                           lo.unsqueeze(1)), hi.unsqueeze(1))  # (B, K, D)
+        qc, q0 = q(cand), q(d.unsqueeze(1)).squeeze(1)
+        ok = qc <= q0.unsqueeze(1) + 1e-4 * (grad.unsqueeze(1) * (cand - d.unsqueeze(1))).sum(-1)
+        last = torch.full_like(q0, len(betas) - 1, dtype=torch.long)
+        first = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), last)
+        new = cand[torch.arange(B, device=g.device), first]
+        d = torch.where(todo.unsqueeze(1), new, d)
+    return d, clamped
+
+
+@dataclass
+class BoxNewtonResult:
+    u: Tensor  # (B, D)
+    grad: Tensor  # (B, D), ∇J at u
+    cost: Tensor  # (B,)
+    kkt: Tensor  # (B,) KKT residual at u
+    step: Tensor  # (B,) ‖d‖∞ of the last box-QP Newton step at u
+    converged: Tensor  # (B,) bool
+    iterations: Tensor  # (B,) long
+
+
+@dataclass(frozen=True)
+class BoxNewton:
+    """Settings of the batched projected Newton method (see module docstring)."""
+
+    tol: float = 1e-8
+    step_tol: float = 1e-8
+    max_iter: int = 100
+    armijo: float = 1e-4
+    active_eps: float = 1e-3
+
+    def minimize(self, derivatives: Callable[[Tensor, object], tuple[Tensor, Tensor]],
+                 evaluate: Callable[[Tensor], tuple[Tensor, object]], u0: Tensor, lo: Tensor,
+                 hi: Tensor, callback: Callable[..., None] | None = None) -> BoxNewtonResult:
+        """``evaluate(u (P, D)) -> (J (P,), state)``, ``derivatives(u, state) -> (g (B, D), H (B, D, D))``.
+
+        ``callback(iteration, u=..., cost=..., kkt=..., step=..., active=..., mu=...)`` is called after
+        each derivative evaluation (diagnostics, time-to-objective benchmarks). ``state`` (e.g. the
+        rollout) is returned by ``evaluate`` for the accepted points and handed to
+        ``derivatives`` so that nothing is recomputed. ``lo``, ``hi``: ``(D,)`` or ``(B, D)`` (±inf allowed).
+        """
+        B, D = u0.shape
+        dt = u0.dtype
+        lo, hi = lo.expand(B, D), hi.expand(B, D)
+        u = torch.minimum(torch.maximum(u0, lo), hi)
+        J, state = evaluate(u)
+        alphas = torch.tensor(ALPHAS, dtype=dt, device=u.device)
+        K = len(ALPHAS)
+        mu = torch.zeros(B, dtype=dt, device=u.device)
+        active = torch.ones(B, dtype=torch.bool, device=u.device)
+        iters = torch.zeros(B, dtype=torch.long, device=u.device)
+        kkt = step = torch.full((B,), float("inf"), dtype=dt, device=u.device)
+        g = torch.zeros_like(u)
+        eps = torch.finfo(dt).eps
+        for it in range(self.max_iter + 1):
+            g, hess = derivatives(u, state)
+            kkt = torch.where(active, kkt_residual(u, g, lo, hi), kkt)
+            # ε-active set (Bertsekas): on (or within ε of) a bound with the gradient pushing outward. These
+            # controls are fixed on the bound; only the free block's curvature is modified (an indefinite
+            # Hessian on the active block does not matter at a constrained minimum).
+            eps_k = torch.minimum(kkt, torch.full_like(kkt, self.active_eps)).unsqueeze(1)
+            at_lo, at_hi = (u - lo <= eps_k) & (g > 0), (hi - u <= eps_k) & (g < 0)
+            fixed = at_lo | at_hi
+            free = (~fixed).to(dt)
+            ff = free.unsqueeze(1) * free.unsqueeze(2)
+            scale = hess.diagonal(dim1=1, dim2=2).abs().mean(1).clamp_min(eps)
+            block = hess * ff + torch.diag_embed((1 - free) * scale.unsqueeze(1))
+            lam, V = torch.linalg.eigh(block)
+            amax = lam.abs().amax(1)
+            floor = torch.maximum(mu, 1e3 * eps * amax).clamp_min(torch.finfo(dt).tiny)
+            lam_mod = torch.maximum(lam.abs(), floor.unsqueeze(1))
+            hmod = (V * lam_mod.unsqueeze(1)) @ V.transpose(1, 2)
+            hmod = 0.5 * (hmod + hmod.transpose(1, 2)) * ff + hess * (1 - ff)
+            target = torch.where(at_lo, lo - u, hi - u)
+            dlo = torch.where(fixed, target, lo - u)
+            dhi = torch.where(fixed, target, hi - u)
+            d, _ = box_qp(hmod, g, dlo, dhi, fixed=fixed)
+            step = torch.where(active, d.abs().amax(1), step)
+            active = active & ~((kkt <= self.tol) & (step <= self.step_tol))
+            if callback is not None:
+                callback(it, u=u, cost=J, kkt=kkt, step=step, active=active, mu=mu)
+            if not bool(active.any()) or it == self.max_iter:
+                break
+            # several step lengths in one batched evaluation
+            cand = u.unsqueeze(1) + alphas.view(1, K, 1) * d.unsqueeze(1)  # (B, K, D), inside the box
+            cand = torch.minimum(torch.maximum(cand, lo.unsqueeze(1)), hi.unsqueeze(1))
+            Jc, states = evaluate(cand.reshape(B * K, D))
+            Jc = Jc.reshape(B, K)
+            slope = (g * d).sum(1)
+            slack = 16 * eps * J.abs().clamp_min(1.0)
+            bound = (J + slack).unsqueeze(1) + self.armijo * alphas * slope.unsqueeze(1)
+            ok = torch.isfinite(Jc) & (Jc <= bound)
+            any_ok = ok.any(1)
+            first = ok.to(torch.int8).argmax(1)
+            take = active & any_ok
+            idx = torch.arange(B, device=u.device)
+            u = torch.where(take.unsqueeze(1), cand[idx, first], u)
+            J = torch.where(take, Jc[idx, first], J)
+            state = _select_state(state, states, take, idx * K + first)
+            full = take & (first == 0)
+            mu0 = 1e-4 * scale
+            mu = torch.where(full, mu / 10, mu)
+            mu = torch.where(full & (mu < 1e-3 * mu0), torch.zeros_like(mu), mu)
+            mu = torch.where(active & ~any_ok, torch.maximum(10 * mu, mu0), mu)
+            iters = iters + active.long()
+        return BoxNewtonResult(u=u, grad=g, cost=J, kkt=kkt, step=step,
+                               converged=(kkt <= self.tol) & (step <= self.step_tol), iterations=iters)
+
+
+def _select_state(state, states, take: Tensor, rows: Tensor):
+    """Keep the per-sample ``state`` tensor(s) of the accepted candidates (rows of ``states``)."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        mask = take.view(-1, *([1] * (state.ndim - 1)))
+        return torch.where(mask, states[rows], state)
+    return type(state)(_select_state(s, ss, take, rows) for s, ss in zip(state, states, strict=True))
