@@ -56,13 +56,18 @@ def structured_derivatives(step: Step, terminal: Callable[[Tensor], Tensor] | No
     U = u.reshape(B * H, m)
     XU = torch.cat([X, U], -1)
 
+    def step_out(xu: Tensor) -> Tensor:  # (P, n + m) -> (P, n + 1): next state and stage cost
+        xn, c = step(xu[:, :n], xu[:, n:])
+        return torch.cat([xn, c.unsqueeze(-1)], -1)
+
     with torch.enable_grad():
-        jac = _point_jacobian(lambda xu: torch.cat(
-            [t if t.ndim == 2 else t.unsqueeze(-1) for t in step(xu[:, :n], xu[:, n:])], -1), XU, n + 1)
+        if hessian:  # first and second derivatives of all n + 1 outputs from one batched graph
+            jac, second = _point_second_derivatives(step_out, XU, n + 1)
+        else:
+            jac, second = _point_jacobian(step_out, XU, n + 1), None
     jac = jac.reshape(n + 1, B, H, n + m).permute(1, 2, 0, 3)  # (B, H, n + 1, n + m)
     A, Bu = jac[:, :, :n, :n], jac[:, :, :n, n:]
     lx, lu = jac[:, :, n, :n], jac[:, :, n, n:]
-
     lam_H = torch.zeros(B, n, dtype=u.dtype, device=u.device)
     phi = None
     if terminal is not None:
@@ -79,15 +84,9 @@ def structured_derivatives(step: Step, terminal: Callable[[Tensor], Tensor] | No
     if not hessian:
         return grad, None
 
-    lam_rep = lam_next.reshape(B * H, n).repeat(n + m, 1)
-
-    def lagrangian(xu: Tensor) -> Tensor:  # per point ℓ + λ_{t+1}ᵀ f  (replicated points)
-        xn, c = step(xu[:, :n], xu[:, n:])
-        return c + (lam_rep * xn).sum(-1)
-
-    with torch.enable_grad():
-        L, _ = _point_hessian(lagrangian, XU)
-    L = L.reshape(B, H, n + m, n + m)
+    # Hessian of the stage Lagrangian ℓ + λ_{t+1}ᵀ f at every point: (B, H, n + m, n + m)
+    second = second.reshape(n + 1, B, H, n + m, n + m)
+    L = second[n] + torch.einsum("bti,ibtjk->btjk", lam_next, second[:n])
 
     # Z_t = [S_t; E_t]: (B, H, n + m, D)
     eye = torch.eye(D, dtype=u.dtype, device=u.device).reshape(H, m, D)
@@ -112,6 +111,24 @@ def _point_jacobian(fn: Callable[[Tensor], Tensor], pts: Tensor, n_out: int) -> 
     cot = torch.eye(n_out, dtype=pts.dtype, device=pts.device).repeat_interleave(P, 0)
     (jac,) = torch.autograd.grad(out, rep, cot)
     return jac.reshape(n_out, P, k)
+
+
+def _point_second_derivatives(fn: Callable[[Tensor], Tensor], pts: Tensor,
+                              n_out: int) -> tuple[Tensor, Tensor]:
+    """Per-point Jacobians ``(n_out, P, k)`` and Hessians ``(n_out, P, k, k)`` of every output of a
+    point-wise ``fn: (P, k) -> (P, n_out)``, reverse over reverse on ``n_out·k`` replicas of the points
+    (replica (i, j) selects output i and direction j): one forward, one backward, one double backward."""
+    P, k = pts.shape
+    r = n_out * k
+    rep = pts.detach().repeat(r, 1).requires_grad_()
+    eye_out = torch.eye(n_out, dtype=pts.dtype, device=pts.device)
+    select = eye_out.repeat_interleave(k * P, 0)  # replica block (i, j) -> output i
+    (g,) = torch.autograd.grad((fn(rep) * select).sum(), rep, create_graph=True)
+    dirs = torch.eye(k, dtype=pts.dtype, device=pts.device).repeat_interleave(P, 0).repeat(n_out, 1)
+    (h,) = torch.autograd.grad(g, rep, dirs)
+    jac = g.detach().reshape(n_out, k, P, k)[:, 0]
+    hess = h.reshape(n_out, k, P, k).transpose(1, 2)  # (n_out, P, direction j, k)
+    return jac, 0.5 * (hess + hess.transpose(2, 3))
 
 
 def _point_hessian(fn: Callable[[Tensor], Tensor], pts: Tensor,
