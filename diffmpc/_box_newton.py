@@ -105,37 +105,46 @@ class BoxNewton:
     armijo: float = 1e-4
     active_eps: float = 1e-3
 
-    def minimize(self, derivatives: Callable[[Tensor, object], tuple[Tensor, Tensor]],
-                 evaluate: Callable[[Tensor], tuple[Tensor, object]], u0: Tensor, lo: Tensor,
+    def minimize(self, derivatives: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+                 evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], u0: Tensor, lo: Tensor,
                  hi: Tensor, callback: Callable[..., None] | None = None) -> BoxNewtonResult:
-        """``evaluate(u (P, D)) -> (J (P,), state)``, ``derivatives(u, state) -> (g (B, D), H (B, D, D))``.
+        """Minimise from ``u0 (B, D)`` within ``lo ≤ u ≤ hi`` (``(D,)`` or ``(B, D)``, ±inf allowed).
 
-        ``callback(iteration, u=..., cost=..., kkt=..., step=..., active=..., mu=...)`` is called after
-        each derivative evaluation (diagnostics, time-to-objective benchmarks). ``state`` (e.g. the
-        rollout) is returned by ``evaluate`` for the accepted points and handed to
-        ``derivatives`` so that nothing is recomputed. ``lo``, ``hi``: ``(D,)`` or ``(B, D)`` (±inf allowed).
+        ``evaluate(u (P, D), rows (P,)) -> (J (P,), state (P, ...))`` evaluates plans of the samples
+        ``rows``; ``derivatives(u (b, D), state (b, ...), rows (b,)) -> (∇J (b, D), ∇²J (b, D, D))``. The
+        ``state`` (e.g. the rollout) of the accepted plans is handed to ``derivatives`` so that nothing is
+        recomputed. Only the samples still iterating are evaluated (finished ones drop out of the batch).
+        ``callback(iteration, u=..., cost=..., kkt=..., step=..., active=..., mu=...)`` (full-batch
+        tensors) is called after each derivative evaluation (diagnostics, time-to-objective benchmarks).
         """
         B, D = u0.shape
         dt = u0.dtype
+        dev = u0.device
         lo, hi = lo.expand(B, D), hi.expand(B, D)
         u = torch.minimum(torch.maximum(u0, lo), hi)
-        J, state = evaluate(u)
-        alphas = torch.tensor(ALPHAS, dtype=dt, device=u.device)
+        J, state = evaluate(u, torch.arange(B, device=dev))
+        alphas = torch.tensor(ALPHAS, dtype=dt, device=dev)
         K = len(ALPHAS)
-        mu = torch.zeros(B, dtype=dt, device=u.device)
-        active = torch.ones(B, dtype=torch.bool, device=u.device)
-        iters = torch.zeros(B, dtype=torch.long, device=u.device)
-        kkt = step = torch.full((B,), float("inf"), dtype=dt, device=u.device)
+        mu = torch.zeros(B, dtype=dt, device=dev)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        iters = torch.zeros(B, dtype=torch.long, device=dev)
+        kkt = torch.full((B,), float("inf"), dtype=dt, device=dev)
+        step = kkt.clone()
         g = torch.zeros_like(u)
         eps = torch.finfo(dt).eps
         for it in range(self.max_iter + 1):
-            g, hess = derivatives(u, state)
-            kkt = torch.where(active, kkt_residual(u, g, lo, hi), kkt)
+            rows = torch.nonzero(active).flatten()
+            if rows.numel() == 0:
+                break
+            ua, la, ha_, mua = u[rows], lo[rows], hi[rows], mu[rows]
+            ga, hess = derivatives(ua, state[rows], rows)
+            g[rows] = ga
+            kkt_a = kkt_residual(ua, ga, la, ha_)
             # ε-active set (Bertsekas): on (or within ε of) a bound with the gradient pushing outward. These
             # controls are fixed on the bound; only the free block's curvature is modified (an indefinite
             # Hessian on the active block does not matter at a constrained minimum).
-            eps_k = torch.minimum(kkt, torch.full_like(kkt, self.active_eps)).unsqueeze(1)
-            at_lo, at_hi = (u - lo <= eps_k) & (g > 0), (hi - u <= eps_k) & (g < 0)
+            eps_k = torch.minimum(kkt_a, torch.full_like(kkt_a, self.active_eps)).unsqueeze(1)
+            at_lo, at_hi = (ua - la <= eps_k) & (ga > 0), (ha_ - ua <= eps_k) & (ga < 0)
             fixed = at_lo | at_hi
             free = (~fixed).to(dt)
             ff = free.unsqueeze(1) * free.unsqueeze(2)
@@ -143,51 +152,48 @@ class BoxNewton:
             block = hess * ff + torch.diag_embed((1 - free) * scale.unsqueeze(1))
             lam, V = torch.linalg.eigh(block)
             amax = lam.abs().amax(1)
-            floor = torch.maximum(mu, 1e3 * eps * amax).clamp_min(torch.finfo(dt).tiny)
+            floor = torch.maximum(mua, 1e3 * eps * amax).clamp_min(torch.finfo(dt).tiny)
             lam_mod = torch.maximum(lam.abs(), floor.unsqueeze(1))
             hmod = (V * lam_mod.unsqueeze(1)) @ V.transpose(1, 2)
             hmod = 0.5 * (hmod + hmod.transpose(1, 2)) * ff + hess * (1 - ff)
-            target = torch.where(at_lo, lo - u, hi - u)
-            dlo = torch.where(fixed, target, lo - u)
-            dhi = torch.where(fixed, target, hi - u)
-            d, _ = box_qp(hmod, g, dlo, dhi, fixed=fixed)
-            step = torch.where(active, d.abs().amax(1), step)
-            active = active & ~((kkt <= self.tol) & (step <= self.step_tol))
+            target = torch.where(at_lo, la - ua, ha_ - ua)
+            d, _ = box_qp(hmod, ga, torch.where(fixed, target, la - ua), torch.where(fixed, target, ha_ - ua),
+                          fixed=fixed)
+            step_a = d.abs().amax(1)
+            kkt[rows], step[rows] = kkt_a, step_a
+            go = ~((kkt_a <= self.tol) & (step_a <= self.step_tol))
+            active[rows] = go
             if callback is not None:
                 callback(it, u=u, cost=J, kkt=kkt, step=step, active=active, mu=mu)
-            if not bool(active.any()) or it == self.max_iter:
+            if it == self.max_iter or not bool(go.any()):
                 break
-            # several step lengths in one batched evaluation
-            cand = u.unsqueeze(1) + alphas.view(1, K, 1) * d.unsqueeze(1)  # (B, K, D), inside the box
-            cand = torch.minimum(torch.maximum(cand, lo.unsqueeze(1)), hi.unsqueeze(1))
-            Jc, states = evaluate(cand.reshape(B * K, D))
-            Jc = Jc.reshape(B, K)
-            slope = (g * d).sum(1)
-            slack = 16 * eps * J.abs().clamp_min(1.0)
-            bound = (J + slack).unsqueeze(1) + self.armijo * alphas * slope.unsqueeze(1)
+            # several step lengths in one batched evaluation (only the samples still iterating)
+            rows, ua, ga, d, J0 = rows[go], ua[go], ga[go], d[go], J[rows][go]
+            la, ha_, mua, scale = la[go], ha_[go], mua[go], scale[go]
+            b = rows.numel()
+            cand = ua.unsqueeze(1) + alphas.view(1, K, 1) * d.unsqueeze(1)  # (b, K, D), inside the box
+            cand = torch.minimum(torch.maximum(cand, la.unsqueeze(1)), ha_.unsqueeze(1))
+            Jc, states = evaluate(cand.reshape(b * K, D), rows.repeat_interleave(K))
+            Jc = Jc.reshape(b, K)
+            slope = (ga * d).sum(1)
+            slack = 16 * eps * J0.abs().clamp_min(1.0)
+            bound = (J0 + slack).unsqueeze(1) + self.armijo * alphas * slope.unsqueeze(1)
             ok = torch.isfinite(Jc) & (Jc <= bound)
-            any_ok = ok.any(1)
+            take = ok.any(1)
             first = ok.to(torch.int8).argmax(1)
-            take = active & any_ok
-            idx = torch.arange(B, device=u.device)
-            u = torch.where(take.unsqueeze(1), cand[idx, first], u)
-            J = torch.where(take, Jc[idx, first], J)
-            state = _select_state(state, states, take, idx * K + first)
+            idx = torch.arange(b, device=dev)
+            pick = idx * K + first
+            u[rows] = torch.where(take.unsqueeze(1), cand[idx, first], ua)
+            J[rows] = torch.where(take, Jc[idx, first], J0)
+            keep = take.view(-1, *([1] * (state.ndim - 1)))
+            state[rows] = torch.where(keep, states[pick], state[rows])
             full = take & (first == 0)
             mu0 = 1e-4 * scale
-            mu = torch.where(full, mu / 10, mu)
-            mu = torch.where(full & (mu < 1e-3 * mu0), torch.zeros_like(mu), mu)
-            mu = torch.where(active & ~any_ok, torch.maximum(10 * mu, mu0), mu)
-            iters = iters + active.long()
+            mua = torch.where(full, mua / 10, mua)
+            mua = torch.where(full & (mua < 1e-3 * mu0), torch.zeros_like(mua), mua)
+            mu[rows] = torch.where(~take, torch.maximum(10 * mua, mu0), mua)
+            iters[rows] += 1
         return BoxNewtonResult(u=u, grad=g, cost=J, kkt=kkt, step=step,
                                converged=(kkt <= self.tol) & (step <= self.step_tol), iterations=iters)
 
 
-def _select_state(state, states, take: Tensor, rows: Tensor):
-    """Keep the per-sample ``state`` tensor(s) of the accepted candidates (rows of ``states``)."""
-    if state is None:
-        return None
-    if isinstance(state, Tensor):
-        mask = take.view(-1, *([1] * (state.ndim - 1)))
-        return torch.where(mask, states[rows], state)
-    return type(state)(_select_state(s, ss, take, rows) for s, ss in zip(state, states, strict=True))

@@ -559,15 +559,14 @@ class MPC(nn.Module):
         step_tol = s.step_tol if s.step_tol is not None else tol
         structured = s.derivatives == "structured"
 
-        def evaluate(uf: Tensor):
-            x0 = x_det if uf.shape[0] == B else x_det.repeat_interleave(uf.shape[0] // B, 0)
-            xs, J = rollout(self.step, self.terminal_cost, x0, uf.view(-1, H, m))
+        def evaluate(uf: Tensor, rows: Tensor):
+            xs, J = rollout(self.step, self.terminal_cost, x_det[rows], uf.view(-1, H, m))
             return J, xs
 
-        def derivatives(uf: Tensor, xs: Tensor):
+        def derivatives(uf: Tensor, xs: Tensor, rows: Tensor):
             if structured:
-                return structured_derivatives(self.step, self.terminal_cost, xs, uf.view(B, H, m))
-            return autograd_derivatives(lambda v: self.horizon_cost(x_det, v), uf.view(B, H, m))
+                return structured_derivatives(self.step, self.terminal_cost, xs, uf.view(-1, H, m))
+            return autograd_derivatives(lambda v: self.horizon_cost(x_det[rows], v), uf.view(-1, H, m))
 
         lo, hi = low.repeat(H), high.repeat(H)
         with torch.no_grad():
