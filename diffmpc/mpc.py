@@ -128,10 +128,12 @@ class MPCInfo:
 
     @property
     def kkt_residual(self) -> Tensor:
+        """``‖u − P(u − ∇J)‖∞`` per sample (box path; the same tensor as ``stationarity_residual``)."""
         return self.stationarity_residual
 
     @property
     def converged_fraction(self) -> float:
+        """Fraction of the batch that passed the convergence test (1.0 for an empty batch)."""
         return float(self.converged.double().mean()) if self.converged.numel() else 1.0
 
 

@@ -242,7 +242,8 @@ def test_non_convergence_warns_with_residuals():
         _, info = mpc(torch.tensor([[0.3, -0.2]], dtype=DT))
     assert not bool(info.converged.any()) and float(info.stationarity_residual[0]) > info.tol
     with pytest.raises(ConvergenceError, match="did not converge"):
-        MPC(dyn, cost, 8, -1.0, 1.0, sampler=None, max_iter=1, strict=True)(torch.tensor([[0.3, -0.2]], dtype=DT))
+        MPC(dyn, cost, 8, -1.0, 1.0, sampler=None, max_iter=1, strict=True)(
+            torch.tensor([[0.3, -0.2]], dtype=DT))
 
 
 def test_neural_dynamics_and_learnable_costs_get_correct_gradients():
@@ -378,7 +379,7 @@ def test_one_step_target_beyond_the_bound_is_exactly_on_the_bound_with_zero_deri
 
 def active_set_derivative(J, u_star, theta, low, high, atol=1e-9):
     """Independent box-constrained derivative du*/dθ (D, P) at one KKT point: the active-set KKT system
-    ``[H_FF] du_F = −∂²J/∂u_F∂θ``, du_A = 0, with H and the mixed derivative from torch.autograd.functional."""
+    ``H_FF du_F = −∂²J/∂u_F∂θ``, du_A = 0; H and the mixed derivative from torch.autograd.functional."""
     u_star = u_star.detach()
     hess = torch.autograd.functional.hessian(lambda v: J(v, theta.detach()), u_star)
     mixed = torch.autograd.functional.jacobian(
