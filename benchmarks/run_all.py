@@ -26,6 +26,8 @@ MODES: dict[str, tuple[list[str], list[str]]] = {
     "dare_backward": ([], ["--full"]),
     # quick: 3 repeats instead of 5; the mpc.pytorch anchor needs .venv-bench (`make bench-venv`)
     "mpc_layer": (["--quick"], []),
+    # quick: 10 example problems + a batch of 16, one round; CasADi + IPOPT need the [casadi] extra
+    "mpc_casadi": (["--quick"], []),
     # quick: 2 repeats instead of 6; full also times torch.compile (minutes of compilation)
     "expert_latency": (["--quick"], ["--compile"]),
     # quick: 20 initialisations and mu in {1, 3, 10}; full: 100 initialisations and mu up to 30
