@@ -89,18 +89,13 @@ def table1() -> str:
     return md + "\n" + "\n".join(_source(p) for p in paths.values())
 
 
-def table1_iters1500() -> str:
-    """VdP with 1500 iterations: test MSE per seed, mean ± s.e. and median per method."""
-    from experiments.table1 import LABELS
+def table1_quick() -> str:
+    """Table 1, VdP at the ``quick`` budget (20 runs of all five methods; ``table1_vdp_quick.json``)."""
+    from experiments.table1 import combined_markdown
 
-    path = RESULTS / "table1_vdp_iters1500.json"
+    path = RESULTS / "table1_vdp_quick.json"
     data = _load(path)
-    lines = ["| method | runs | mean ± s.e. | median | per seed |", "|---|---|---|---|---|"]
-    for m, s in data["per_method"].items():
-        seeds = ", ".join(f"{v:.3g}" for v in s["per_seed"].values())
-        lines.append(f"| {LABELS.get(m, m)} | {s['runs']} | {s['mean']:.3g} ± {s['stderr']:.2g} | "
-                     f"{s['median']:.3g} | {seeds} |")
-    return "\n".join(lines) + "\n\n" + _source(path, data.get("command"))
+    return combined_markdown({"vdp": data}) + "\n" + _source(path, data.get("command"))
 
 
 def table2() -> str:
@@ -164,7 +159,7 @@ def kepler() -> str:
 RENDERERS: dict[str, Callable[[], str]] = {
     "kepler": kepler,
     "table1": table1,
-    "table1_iters1500": table1_iters1500,
+    "table1_quick": table1_quick,
     "table2": table2,
     "lqr_imitation": lqr_imitation,
     "fig2_full": fig2_full,
