@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 OUT ?= runs
 
-.PHONY: demo test test-all bench bench-venv lint docs clean
+.PHONY: demo test test-all bench figures bench-venv lint docs clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
+# Every benchmark in its quick mode, each in its own process; exits 2 (running nothing) when an anchor is
+# missing and 1 when a benchmark fails. The docs render their tables from the results JSON (make docs).
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Every file under docs/figures from its command (long: ~1.5 h on 2 cores; see benchmarks/figures.py).
+figures: $(STAMP)
+	$(PY) -m benchmarks.figures
 
 # mpc.pytorch (`mpc`) pins numpy<2: it lives in its own environment, used only by the MPC benchmark.
 BENCH_VENV ?= .venv-bench

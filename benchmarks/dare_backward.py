@@ -23,7 +23,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from benchmarks.common import timeit, write_table
+from benchmarks.common import ConvergenceCounter, Run, timeit, write_table
 from diffmpc.lqr import BACKWARDS, dare
 
 
@@ -43,8 +43,16 @@ def _time(fn, budget_s: float) -> dict[str, float]:
     return timeit(fn, repeat=repeat, warmup=0)
 
 
-def measure(n: int, args: argparse.Namespace) -> dict:
-    """One table row: forward times and the backward time of every mode for n states."""
+def measure(n: int, args: argparse.Namespace, counter: ConvergenceCounter) -> dict:
+    """One table row: forward times and the backward time of every mode for n states (ConvergenceWarnings
+    of the solves counted under ``n=<n>``)."""
+    with counter.count(f"n={n}"):
+        row = _measure(n, args)
+    row["warnings"] = counter.total(f"n={n}")
+    return row
+
+
+def _measure(n: int, args: argparse.Namespace) -> dict:
     m = max(1, n // 8)
     A, B, Q, R = problem(n, m, args.seed)
     An, Bn, Qn, Rn = (t.numpy() for t in (A, B, Q, R))
@@ -85,22 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="same as --max-dense-n 64")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     p.add_argument("--seed", type=int, default=0)
-    args, _ = p.parse_known_args(argv)
+    run = Run.start("benchmarks.dare_backward", argv)
+    args = p.parse_args(run.argv)
     if args.full:
         args.max_dense_n = max(args.max_dense_n, 64)
     torch.set_num_threads(1)
     rows = []
+    counter = ConvergenceCounter()
     for n in args.sizes:
-        rows.append(measure(n, args))
+        rows.append(measure(n, args, counter))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     cols = ["n", "m", "scipy_forward_ms", "sda_forward_ms"]
     for mode in args.modes:
         cols += [f"{mode}_ms", f"{mode}/scipy_fwd"]
-    cols.append("max_rel_diff_vs_lyapunov")
+    cols += ["max_rel_diff_vs_lyapunov", "warnings"]
     meta = {"sizes": args.sizes, "modes": args.modes, "max_dense_n": args.max_dense_n, "seed": args.seed,
             "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"), "numpy": np.__version__,
-            "scipy": scipy.__version__}
-    path = write_table("dare_backward", rows, meta, cols, title="DARE backward modes vs scipy forward",
+            "scipy": scipy.__version__, "convergence_warnings": counter.totals,
+            "warning_examples": counter.messages}
+    path = write_table("dare_backward", rows, meta, cols, run=run,
+                       title="DARE backward modes vs scipy forward",
                        notes="Gradient (backward-only) time per mode, ratio to scipy's "
                              "solve_discrete_are in the same run; float64, 1 torch thread.")
     print(path.read_text())

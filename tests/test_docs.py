@@ -31,7 +31,7 @@ def _pages() -> list[Path]:
 def test_every_results_placeholder_renders_a_table():
     hooks = _hooks()
     names = [m.group(1) for p in _pages() for m in hooks.PLACEHOLDER.finditer(p.read_text())]
-    assert {"kepler", "table1", "table2", "lqr_imitation", "fig2_full"} <= set(names)
+    assert {"kepler", "table1", "table2", "lqr_imitation", "bench:ode_backward"} <= set(names)
     for name in names:
         md = hooks.render(name)
         assert md.count("\n|") >= 2 and "Generated from `" in md, name

@@ -69,12 +69,28 @@ def rows_table(rows: list[dict[str, Any]]) -> str:
 
 
 def bench(name: str) -> str:
-    """``bench:NAME``: the rows of ``benchmarks/results/NAME.json`` (written by ``benchmarks/NAME.py``)."""
+    """``bench:NAME``: the rows of ``benchmarks/results/NAME.json`` (written by ``benchmarks/NAME.py``), its
+    provenance (command, commit, measured load) and the reading generated from it (``benchmarks.report``)."""
+    from benchmarks.report import reading
+
     path = RESULTS / f"{name}.json"
     data = _load(path)
     if "rows" not in data:
         raise ResultsError(f"{path.name} has no 'rows'")
-    return rows_table(data["rows"]) + "\n" + _source(path, data.get("meta", {}).get("command"))
+    prov = data.get("provenance")
+    if prov:
+        load = prov.get("loadavg_before") or ["?"]
+        where = (f"Measured at commit `{(prov.get('git_commit') or '?')[:10]}`"
+                 + (" (dirty tree)" if prov.get("git_dirty") else "")
+                 + f", {prov.get('started_utc', '?')}, load average (1 min) {load[0]} before / "
+                 + f"{prov['loadavg_after'][0]} after on {prov.get('cpu_count', '?')} CPUs, "
+                 + f"{prov.get('wall_seconds', '?')} s wall.\n")
+    else:
+        where = "This file has no provenance record (written before benchmarks.common.Run).\n"
+    text = reading(name, data)
+    return (rows_table(data["rows"]) + "\n" + _source(path, (prov or {}).get("command")
+                                                      or data.get("meta", {}).get("command"))
+            + "\n" + where + ("\n" + text if text else ""))
 
 
 def table1() -> str:
@@ -131,19 +147,6 @@ def lqr_imitation() -> str:
             + _source(path, data.get("command")))
 
 
-def fig2_full() -> str:
-    """Fig. 2 with the paper's 100 initialisations, parsed from the stopped full run's log."""
-    path = RESULTS / "ode_backward_full_partial.json"
-    data = _load(path)
-    rows = [{"method": r["method"], "bwd median ms": r["bwd_median_ms"], "DOPRI5-adj bwd / this": r["ratio"],
-             "per-init median": r["per_init_median_ratio"], "inits": r["n"]} for r in data["panel_a"]]
-    mus = list(data["panel_b_ms"])
-    stiff = [{"method": m, **{f"μ = {mu} (ms)": data["panel_b_ms"][mu].get(m, float("nan")) for mu in mus}}
-             for m in data["panel_b_ms"][mus[0]]]
-    return (rows_table(rows) + "\nBackward time vs stiffness:\n\n" + rows_table(stiff) + "\n"
-            + f"Status: {data.get('status', '')}\n\n" + _source(path))
-
-
 def kepler() -> str:
     """Fig. 1: the learned eccentricity and the layer's dE/de against the closed form."""
     path = FIGURES / "kepler_results.json"
@@ -156,13 +159,20 @@ def kepler() -> str:
     return rows_table(rows) + "\n" + _source(path, data.get("command"))
 
 
+def bench_headlines() -> str:
+    """One headline per benchmark (``benchmarks.report.headlines``), with the command and measured load."""
+    from benchmarks.report import headlines
+
+    return headlines() + "\n" + "Generated from `benchmarks/results/*.json` by `benchmarks/report.py`.\n"
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "bench_headlines": bench_headlines,
     "kepler": kepler,
     "table1": table1,
     "table1_quick": table1_quick,
     "table2": table2,
     "lqr_imitation": lqr_imitation,
-    "fig2_full": fig2_full,
 }
 
 
