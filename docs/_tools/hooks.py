@@ -166,8 +166,23 @@ def bench_headlines() -> str:
     return headlines() + "\n" + "Generated from `benchmarks/results/*.json` by `benchmarks/report.py`.\n"
 
 
+def cli_help() -> str:
+    """``diffmpc --help`` and every subcommand's ``--help``, from the parser itself (never out of date)."""
+    import argparse
+
+    from diffmpc.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = ["```text", parser.format_help().rstrip(), "```", ""]
+    for name, p in sub.choices.items():
+        out += [f"### `diffmpc {name}`", "", "```text", p.format_help().rstrip(), "```", ""]
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "bench_headlines": bench_headlines,
+    "cli": cli_help,
     "kepler": kepler,
     "table1": table1,
     "table1_quick": table1_quick,
