@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -545,6 +545,3 @@ _IFO_SCHEMA = {"config": dict, "seed": int, "iteration": int, "warmed_up": bool,
                "dyn_history": list}
 
 
-def with_overrides(cfg: IfOConfig, **overrides: Any) -> IfOConfig:
-    """``cfg`` with the given (non-None) fields replaced."""
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

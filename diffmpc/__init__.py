@@ -4,14 +4,17 @@ The core is :func:`argmin` / :func:`root`: solve with any forward solver, differ
 function theorem and matrix-free conjugate gradient (Look et al., *Differentiable Implicit Layers*).
 """
 
-from . import linalg, solvers
+from . import backward, linalg, solvers
+from .backward import CG, GMRES, MINRES, Dense, NormalCG, Unroll
 from .implicit import (
     ARGMIN_BACKWARDS,
     ROOT_BACKWARDS,
+    BackwardInfo,
     ConvergenceError,
     ConvergenceWarning,
     ImplicitInfo,
     argmin,
+    record_backward,
     root,
 )
 
@@ -38,6 +41,15 @@ __all__ = [
     "argmin",
     "root",
     "ImplicitInfo",
+    "BackwardInfo",
+    "record_backward",
+    "backward",
+    "CG",
+    "NormalCG",
+    "MINRES",
+    "GMRES",
+    "Dense",
+    "Unroll",
     "ConvergenceWarning",
     "ConvergenceError",
     "ARGMIN_BACKWARDS",

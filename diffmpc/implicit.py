@@ -15,15 +15,35 @@ paper's Alg. 1; H is never built), then gets ``-wᵀ∂²f/∂y∂θ`` as one mo
 ∂F/∂y`` replaces H and the transpose matters: ``Jᵀ w = v`` is solved by CG on the normal equations
 (``J Jᵀ w' = J v``, paper Sec. 2.2), GMRES, or densely.
 
-Backward modes (``argmin``):
+Backward strategies (``backward=``; objects from :mod:`diffmpc.backward`, or their string names):
 
-============  ==================================================================================
-``"cg"``      CG on HVPs (default). Negative curvature (pᵀHp ≤ 0) is detected per sample, those
-              samples are re-solved by MINRES, and the event is reported.
-``"minres"``  MINRES on HVPs: symmetric indefinite H (saddle points).
-``"dense"``   build H (D HVPs per sample) and ``torch.linalg.solve`` — the paper's "naive IFT".
-``"unroll"``  no IFT: backpropagate through the solver's iterations (memory grows with iterations).
-============  ==================================================================================
+=====================================  ===========================================================
+``CG()`` / ``"cg"``                     CG on HVPs (argmin default). Negative curvature (pᵀHp ≤ 0) is
+                                        detected per sample, those samples are re-solved by MINRES,
+                                        and the event is reported.
+``MINRES()`` / ``"minres"``             MINRES on HVPs: symmetric indefinite H (saddle points).
+``NormalCG()`` / ``"normal_cg"``        CG on the normal equations (root default; ``"cg"`` is its
+                                        backwards-compatible alias for ``root``).
+``GMRES()`` / ``"gmres"``               restarted GMRES.
+``Dense()`` / ``"dense"``               build H or J (D products per sample) and LU-solve — the
+                                        paper's "naive IFT".
+``Unroll()`` / ``"unroll"``             no IFT: backpropagate through the solver's iterations.
+=====================================  ===========================================================
+
+**Convergence** means exactly the documented tests: the forward check ``‖∇f(y*)‖ ≤ accept_factor·tol``
+(``‖F(y*)‖`` for roots; ``accept_factor = 1`` by default), and the backward solve
+``‖v − A w‖ ≤ tol_backward·‖v‖`` on the true residual. Warnings name the samples, their residuals and
+the threshold.
+
+**Diagnostics by value.** ``return_info=True`` returns a frozen :class:`ImplicitInfo` (the forward). Each
+backward pass produces a frozen :class:`BackwardInfo` (tagged with the forward's ``call_id``), delivered
+to every active :func:`record_backward` block::
+
+    y, info = argmin(f, y0, x, return_info=True)
+    with record_backward() as records:
+        y.sum().backward()
+    (rec,) = [r for r in records if r.call_id == info.call_id]
+    rec.solve.residual, rec.solve.iterations
 
 Batching: if ``f`` returns shape ``(B,)`` and ``y`` has leading dimension B, the samples are independent
 problems (H is block diagonal) and every solve, tolerance and diagnostic is per sample.
@@ -33,63 +53,117 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import linalg
-from ._checks import check_has_curvature, check_implicit_options, check_solver_output
+from . import backward as _strategies
+from ._checks import check_has_curvature, check_implicit_options, check_real, check_solver_output
+from ._impl.batch import describe_failing, norm
+from ._impl.ift import ift_vjp
+from ._impl.records import BackwardInfo, emit, next_call_id, record_backward
+from ._impl.tolerances import linear_tol, stationarity_tol
+from .backward import LinearSolve, Unroll, with_defaults
 from .errors import ConvergenceError, ConvergenceWarning
-from .linalg import SolveInfo, _norm
-from .solvers import default_tol, jacobian_products, make_minimizer, make_root_solver
+from .solvers import make_minimizer, make_root_solver
 
-__all__ = [
-    "argmin",
-    "root",
-    "ImplicitInfo",
-    "ConvergenceWarning",
-    "ConvergenceError",
-    "ARGMIN_BACKWARDS",
-    "ROOT_BACKWARDS",
-]
+__all__ = ["argmin", "root", "ARGMIN_BACKWARDS", "ROOT_BACKWARDS", "ImplicitInfo", "BackwardInfo",
+           "record_backward", "ConvergenceWarning", "ConvergenceError"]
 
-ARGMIN_BACKWARDS = ("cg", "minres", "dense", "unroll")
+#: Strategy names accepted by :func:`argmin` (canonical names; objects from :mod:`diffmpc.backward` too).
+ARGMIN_BACKWARDS = tuple(_strategies.ALIASES["symmetric"])
+#: Canonical strategy names for :func:`root` (``"cg"`` is accepted as the alias of ``"normal_cg"``).
 ROOT_BACKWARDS = ("normal_cg", "gmres", "dense", "unroll")
 
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImplicitInfo:
-    """Diagnostics of one implicit-layer call (all per sample, shape ``(B,)``; B = 1 if unbatched).
+    """Forward diagnostics of one implicit-layer call (immutable; per sample, shape ``(B,)``; B = 1 if
+    unbatched).
 
-    ``stationarity_residual`` is ‖∇_y f(y*)‖ (argmin) or ‖F(y*)‖ (root) at the returned y*.
-    ``backward`` is filled in when the backward pass runs (linear-solve residual, iterations, negative
-    curvature); it stays ``None`` until then, and for ``backward="unroll"``.
+    Attributes:
+        stationarity_residual: ‖∇_y f(y*)‖ (argmin) or ‖F(y*)‖ (root) at the returned y*.
+        forward_iterations: the solver's iterations per sample (None for a black-box callable).
+        converged: exactly ``stationarity_residual ≤ accept_factor · tol``.
+        tol: the stationarity tolerance; ``accept_factor`` the documented slack factor (default 1).
+        layer: ``"argmin"`` or ``"root"``.
+        call_id: ties this call to the :class:`BackwardInfo` records of its backward passes.
+
+    Backward diagnostics are not stored here (an info never changes after it is returned): collect them
+    with :func:`record_backward`.
     """
 
     stationarity_residual: Tensor
     forward_iterations: Tensor | None
     converged: Tensor
     tol: float
-    backward: SolveInfo | None = None
-    backward_calls: int = 0
-    notes: list[str] = field(default_factory=list)
+    accept_factor: float = 1.0
+    layer: str = "argmin"
+    call_id: int = 0
+
+    @property
+    def threshold(self) -> float:
+        """The acceptance threshold ``accept_factor · tol``."""
+        return self.accept_factor * self.tol
 
 
-def _report(message: str, strict: bool) -> None:
+def report(message: str, strict: bool, stacklevel: int = 4) -> None:
+    """Warn with :class:`ConvergenceWarning`, or raise :class:`ConvergenceError` under ``strict=True``."""
     if strict:
         raise ConvergenceError(message)
-    warnings.warn(message, ConvergenceWarning, stacklevel=4)
+    warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel)
 
 
-def _failing(mask: Tensor, values: Tensor, limit: int = 8) -> str:
-    idx = torch.nonzero(mask).flatten().tolist()
-    shown = ", ".join(f"#{i}: {values[i].item():.3g}" for i in idx[:limit])
-    more = f" (+{len(idx) - limit} more)" if len(idx) > limit else ""
-    return f"{len(idx)} of {mask.numel()} samples [{shown}{more}]"
+def report_solve(layer: str, info: Any, strict: bool, hint: str, stacklevel: int = 4) -> None:
+    """Report a backward linear solve that missed its documented test, with residuals and thresholds."""
+    if bool(info.converged.all()):
+        return
+    bad = ~info.converged
+    ratio = info.residual / info.threshold.clamp_min(torch.finfo(info.residual.dtype).tiny)
+    report(
+        f"{layer} backward: the {info.method} linear solve did not converge for "
+        f"{describe_failing(bad, info.residual)} (true residual ‖v − Aw‖; threshold tol·‖v‖ up to "
+        f"{float(info.threshold[bad].max()):.3g}, worst residual/threshold {float(ratio[bad].max()):.3g}, "
+        f"iterations {info.iterations[bad][:8].tolist()}). Gradients of these samples are inaccurate; "
+        f"{hint}",
+        strict,
+        stacklevel,
+    )
+
+
+def check_accept_factor(accept_factor: float) -> float:
+    """``accept_factor`` is a finite number ≥ 1 (1 = the plain test ``residual ≤ tol``)."""
+    check_real("accept_factor", accept_factor, minimum=1.0)
+    return float(accept_factor)
+
+
+def forward_check(
+    layer: str, what: str, residual: Tensor, y_star: Tensor, tol: float, accept_factor: float, strict: bool,
+    hint: str = "raise the solver's max_iter, pass a better y0, or use a stronger solver",
+) -> Tensor:
+    """The documented forward test ``residual ≤ accept_factor·tol`` per sample; warns (or raises) naming
+    the failing samples, their residuals, ``tol`` and the acceptance threshold."""
+    if not bool(torch.isfinite(y_star).all()):
+        bad = ~torch.isfinite(y_star.reshape(y_star.shape[0], -1)).all(1)
+        raise ConvergenceError(
+            f"{layer}: the forward solver returned NaN/inf for {int(bad.sum())} of {bad.numel()} samples"
+        )
+    converged = residual <= accept_factor * tol
+    if not bool(converged.all()):
+        slack = ""
+        if accept_factor != 1:
+            slack = f", accept_factor={accept_factor:g}: threshold {accept_factor * tol:g}"
+        report(
+            f"{layer}: the forward solve is not stationary for {describe_failing(~converged, residual)} "
+            f"({what}; tol={tol:g}{slack}). The implicit-function-theorem gradient is only valid at a "
+            f"stationary point; {hint}.",
+            strict,
+        )
+    return converged
 
 
 def _check_y0(y0: Tensor) -> None:
@@ -116,28 +190,21 @@ def _check_inputs(y0: Tensor, inputs: Sequence[Any]) -> None:
                 )
 
 
-def _module_params(fn: Any, params: Sequence[Tensor] | None) -> list[Tensor]:
+def module_params(fn: Any, params: Sequence[Tensor] | None) -> list[Tensor]:
+    """The parameters of ``fn`` (if an ``nn.Module``) that require grad, then the extra ``params``."""
     found = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, nn.Module) else []
     extra = list(params or [])
     seen = {id(p) for p in found}
     return found + [p for p in extra if id(p) not in seen]
 
 
-def _as_batched(y0: Tensor, batched: bool):
-    """Internal convention: everything is ``(B, *S)``. Unbatched problems get B = 1."""
-    return (y0, lambda y: y) if batched else (y0.unsqueeze(0), lambda y: y[0])
-
-
 class _Spec:
     """Everything the autograd Function needs besides tensors (kept out of ``save_for_backward``)."""
 
-    def __init__(
-        self, fun, inputs, tensor_slots, n_params, method, rtol, max_iter, damping, strict, info, kind
-    ):
-        self.fun, self.inputs, self.tensor_slots, self.n_params = fun, inputs, tensor_slots, n_params
-        self.method, self.rtol, self.max_iter, self.damping = method, rtol, max_iter, damping
-        self.strict, self.info, self.kind = strict, info, kind
-        self.params: list[Tensor] = []
+    def __init__(self, layer, fun, inputs, params, strategy, strict, call_id):
+        self.layer, self.fun, self.inputs, self.params = layer, fun, inputs, params
+        self.tensor_slots = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]
+        self.strategy, self.strict, self.call_id = strategy, strict, call_id
 
     def rebuild(self, tensors: Sequence[Tensor]) -> list[Any]:
         args = list(self.inputs)
@@ -152,8 +219,7 @@ class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, y_star: Tensor, *tensors: Tensor) -> Tensor:
         ctx.spec = spec
-        n_in = len(spec.tensor_slots)
-        ctx.save_for_backward(y_star, *tensors[:n_in])
+        ctx.save_for_backward(y_star, *tensors[: len(spec.tensor_slots)])
         return y_star.clone()
 
     @staticmethod
@@ -165,66 +231,20 @@ class _ImplicitFunction(torch.autograd.Function):
             y = y_star.detach().requires_grad_()
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
             args = spec.rebuild(leaves)
-            if spec.kind == "argmin":
-                fval = spec.fun(y, *args)
-                (g,) = torch.autograd.grad(fval.sum(), y, create_graph=True)
-
-                def matvec(v: Tensor) -> Tensor:
-                    hv = torch.autograd.grad(g, y, v, retain_graph=True)[0]
-                    return hv + spec.damping * v if spec.damping else hv
-
-                rmatvec = matvec
-                residual_map = g
-            else:
-                residual_map = spec.fun(y, *args)
-                jvp, vjp = jacobian_products(residual_map, y)
-                # We need Jᵀ w = v: the operator is Jᵀ (a VJP), its transpose J (a JVP).
-                matvec, rmatvec = vjp, jvp
-                if spec.damping:
-                    matvec = lambda v, _m=vjp: _m(v) + spec.damping * v
-                    rmatvec = lambda v, _m=jvp: _m(v) + spec.damping * v
-            w, sinfo = _linear_solve(spec, matvec, rmatvec, grad_y)
+            if spec.layer == "argmin":  # optimality residual r = ∇_y f, its Jacobian the Hessian H
+                (r,) = torch.autograd.grad(spec.fun(y, *args).sum(), y, create_graph=True)
+            else:  # r = F, Jacobian J = ∂F/∂y (not symmetric)
+                r = spec.fun(y, *args)
             targets = [t for t in leaves if t.requires_grad] + spec.params
-            grads = (
-                torch.autograd.grad(residual_map, targets, grad_outputs=-w, allow_unused=True)
-                if targets
-                else []
-            )
-        spec.info.backward = sinfo
-        spec.info.backward_calls += 1
+            grads, _, sinfo, notes = ift_vjp(r, y, targets, grad_y, spec.strategy,
+                                             symmetric=spec.layer == "argmin")
+        emit(BackwardInfo(spec.layer, spec.call_id, repr(spec.strategy), (sinfo,), notes))
+        report_solve(spec.layer, sinfo, spec.strict,
+                     "raise the strategy's max_iter, add damping, or use backward='dense'.")
         it = iter(grads)
         in_grads = [next(it) if t.requires_grad else None for t in leaves]
         param_grads = [next(it) for _ in spec.params]
         return (None, None, *in_grads, *param_grads)
-
-
-def _linear_solve(spec: _Spec, matvec, rmatvec, rhs: Tensor) -> tuple[Tensor, SolveInfo]:
-    method = spec.method
-    w, info = linalg.solve(method, matvec, rhs, rmatvec=rmatvec, rtol=spec.rtol, max_iter=spec.max_iter)
-    if method == "cg" and bool(info.negative_curvature.any()):
-        # H is not positive definite at these samples (a saddle, or f non-convex there): CG's answer is
-        # meaningless for them, MINRES is not.
-        w2, info2 = linalg.minres(matvec, rhs, rtol=spec.rtol, max_iter=spec.max_iter)
-        mask = info.negative_curvature
-        w = torch.where(mask.view(-1, *([1] * (w.ndim - 1))), w2, w)
-        neg = _failing(mask, info.residual)
-        spec.info.notes.append(f"negative curvature in CG for {neg}; re-solved with MINRES")
-        info = info.merge(info2, mask)
-        warnings.warn(
-            f"implicit backward: the Hessian is not positive definite for {neg}; the solution may be "
-            "a saddle point, not a minimum. Re-solved those samples with MINRES.",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-    if not bool(info.converged.all()):
-        bad = ~info.converged
-        _report(
-            f"implicit backward: the {info.method} linear solve did not converge for "
-            f"{_failing(bad, info.residual)} (residual ‖r‖; rtol={spec.rtol:g}). Gradients of these "
-            "samples are inaccurate; raise backward_max_iter, add damping, or use backward='dense'.",
-            spec.strict,
-        )
-    return w, info
 
 
 def _check_finite(name: str, t: Tensor) -> None:
@@ -232,38 +252,44 @@ def _check_finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} returned NaN or inf at the initial point; check the objective and y0")
 
 
-def _forward_check(
-    kind: str, residual: Tensor, y_star: Tensor, tol: float, slack: float, strict: bool
-) -> Tensor:
-    if not bool(torch.isfinite(y_star).all()):
-        bad = ~torch.isfinite(y_star.reshape(y_star.shape[0], -1)).all(1)
-        raise ConvergenceError(
-            f"{kind}: the forward solver returned NaN/inf for {int(bad.sum())} of {bad.numel()} samples"
-        )
-    converged = residual <= tol * slack
-    if not bool(converged.all()):
-        what = "‖∇f(y*)‖" if kind == "argmin" else "‖F(y*)‖"
-        _report(
-            f"{kind}: the forward solve is not stationary for {_failing(~converged, residual)} "
-            f"({what}, tol={tol:g}). The implicit-function-theorem gradient is only valid at a stationary "
-            "point; raise the solver's max_iter, pass a better y0, or use a stronger solver.",
-            strict,
-        )
-    return converged
+def _solve_forward(slv, solve_method: str, fun_b, user_fun, y0: Tensor, y0_b: Tensor, inputs, batched: bool,
+                   unroll: bool):
+    """Run the forward solver: on the autograd tape for ``Unroll``, else without a graph. Returns
+    ``(y_b, iterations)`` with ``y_b`` batched ``(B, *S)`` (detached unless unrolling)."""
+    if unroll:
+        if not hasattr(slv, solve_method):
+            raise ValueError(f"backward='unroll' needs a torch solver with .{solve_method}(); a black box "
+                             "cannot be unrolled")
+        with torch.enable_grad():
+            return getattr(slv, solve_method)(lambda y: fun_b(y, *inputs), y0_b, differentiable=True)
+    inputs_d = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+    with torch.no_grad():
+        if hasattr(slv, solve_method):
+            y_b, iters = getattr(slv, solve_method)(lambda y: fun_b(y, *inputs_d), y0_b)
+        else:
+            y_b = check_solver_output(slv(lambda y: user_fun(y, *inputs_d), y0.detach().clone()), y0)
+            y_b, iters = (y_b if batched else y_b.unsqueeze(0)), None
+    return y_b.detach(), iters
 
 
-def _prepare(fn, y0, inputs, backward, valid_backwards, params):
-    _check_y0(y0)
-    _check_inputs(y0, inputs)
-    if backward not in valid_backwards:
-        raise ValueError(f"unknown backward {backward!r}; choose one of {valid_backwards}")
-    if not callable(fn):
-        raise TypeError(f"the objective must be callable, got {type(fn).__name__}")
-    return _module_params(fn, params)
+def _implicit_layer(layer, fn, fun_b, y_b, iters, inputs, params, strategy, residual, tol, accept_factor,
+                    strict, what, batched, return_info):
+    """The part every implicit layer shares: forward check, frozen info, the IFT node, unbatching."""
+    converged = forward_check(layer, what, residual, y_b.detach(), tol, accept_factor, strict)
+    call_id = next_call_id()
+    info = ImplicitInfo(residual, iters, converged, tol, accept_factor, layer, call_id)
+    if isinstance(strategy, Unroll):
+        out = y_b
+    else:
+        spec = _Spec(layer, fun_b, inputs, params, strategy, strict, call_id)
+        tensors = [inputs[i] for i in spec.tensor_slots]
+        out = _ImplicitFunction.apply(spec, y_b, *tensors, *params)
+    out = out if batched else out[0]
+    return (out, info) if return_info else out
 
 
-def _empty_batch(y0: Tensor, inputs: Sequence[Any], params: Sequence[Tensor], tol: float | None,
-                 return_info: bool) -> Any:
+def _empty_batch(layer: str, y0: Tensor, inputs: Sequence[Any], params: Sequence[Tensor], tol: float,
+                 accept_factor: float, return_info: bool) -> Any:
     """B = 0: nothing to solve. An empty result of y0's shape, connected to every input that requires grad
     (so its backward runs and gives zero gradients of the right shapes, as torch ops do for empty tensors)."""
     out = y0.detach().clone()
@@ -272,17 +298,23 @@ def _empty_batch(y0: Tensor, inputs: Sequence[Any], params: Sequence[Tensor], to
             out = out + 0 * t.sum()
     if not return_info:
         return out
-    empty = y0.new_zeros(0)
-    tol_v = tol if tol is not None else default_tol(y0.dtype)
-    return out, ImplicitInfo(empty, None, torch.zeros(0, dtype=torch.bool, device=y0.device), tol_v)
+    empty = torch.zeros(0, dtype=torch.bool, device=y0.device)
+    return out, ImplicitInfo(y0.new_zeros(0), None, empty, tol, accept_factor, layer, next_call_id())
 
 
-def _attach(kind, fun_b, y_star_b, inputs, params, method, rtol, max_iter, damping, strict, info):
-    slots = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]
-    spec = _Spec(fun_b, inputs, slots, len(params), method, rtol, max_iter, damping, strict, info, kind)
-    spec.params = params
-    tensors = [inputs[i] for i in slots]
-    return _ImplicitFunction.apply(spec, y_star_b, *tensors, *params)
+def _prepare(layer, fn, y0, inputs, params, backward, operator, tol, backward_tol, backward_max_iter, damping,
+             accept_factor):
+    check_implicit_options(tol, backward_tol, backward_max_iter, 0.0 if damping is None else damping)
+    _check_y0(y0)
+    _check_inputs(y0, inputs)
+    if not callable(fn):
+        raise TypeError(f"the {'objective' if layer == 'argmin' else 'residual'} must be callable, got "
+                        f"{type(fn).__name__}")
+    strategy = _strategies.resolve(backward, operator=operator, layer=layer, tol=backward_tol,
+                                   max_iter=backward_max_iter, damping=damping)
+    if isinstance(strategy, LinearSolve):
+        strategy = with_defaults(strategy, tol=linear_tol(y0.dtype), max_iter=None)
+    return module_params(fn, params), strategy, check_accept_factor(accept_factor)
 
 
 def argmin(
@@ -290,14 +322,15 @@ def argmin(
     y0: Tensor,
     *inputs: Any,
     solver: Any = None,
-    backward: str = "cg",
+    backward: str | _strategies.Strategy = "cg",
     tol: float | None = None,
     backward_tol: float | None = None,
     backward_max_iter: int | None = None,
-    damping: float = 0.0,
+    damping: float | None = None,
     strict: bool = False,
     params: Sequence[Tensor] | None = None,
     return_info: bool = False,
+    accept_factor: float = 1.0,
 ) -> Tensor | tuple[Tensor, ImplicitInfo]:
     """Differentiable ``y* = argmin_y f(y, *inputs)`` (paper Eq. 1), backward by the IFT (Eqs. 2–3).
 
@@ -306,20 +339,26 @@ def argmin(
             has leading batch dim B (samples independent). An ``nn.Module`` gets gradients for its parameters.
         y0: initial guess (its shape is the solution's shape; it receives no gradient).
         inputs: tensors (gradients flow to those requiring grad) or any other objects passed through to f.
-        solver: ``"newton"`` (default), ``"gd"``, ``"lbfgs"``, a solver object with ``.minimize(fun, y0)``,
-            or a black-box callable ``solver(fun, y0) -> y`` where ``fun(y) = f(y, *inputs)``.
-        backward: ``"cg"`` | ``"minres"`` | ``"dense"`` | ``"unroll"`` (see module docstring).
+        solver: ``"newton_cg"`` (default; alias ``"newton"``), ``"gd"``, ``"lbfgs"``, a solver object with
+            ``.minimize(fun, y0)``, or a black-box callable ``solver(fun, y0) -> y`` where
+            ``fun(y) = f(y, *inputs)``.
+        backward: a strategy object (:class:`~diffmpc.backward.CG` (default), ``MINRES``, ``NormalCG``,
+            ``GMRES``, ``Dense``, ``Unroll``) or its name (see :data:`ARGMIN_BACKWARDS`).
         tol: stationarity tolerance on ‖∇f(y*)‖ (per sample); defaults by dtype (1e-9 for float64, 1e-4
-            for float32). A forward result above ``10·tol`` warns.
-        backward_tol: relative residual tolerance of the backward linear solve (default 1e-10 / 1e-5).
-        backward_max_iter: iteration cap of the backward Krylov solve (default ~2D, at most 1000).
-        damping: solve ``(H + damping·I) w = v`` — Tikhonov regularisation for singular Hessians.
+            for float32).
+        backward_tol, backward_max_iter, damping: fill the fields ``tol``, ``max_iter``, ``damping`` of a
+            strategy given by name (relative residual tolerance, default 1e-10 / 1e-5; iteration cap,
+            default ``max(10, min(2D, 1000))``; Tikhonov term ``(H + damping·I) w = v``). With a strategy
+            object, set them in the object.
         strict: raise :class:`ConvergenceError` instead of warning.
         params: extra tensors that ``f`` closes over and that should receive gradients.
-        return_info: also return an :class:`ImplicitInfo` (its ``backward`` field fills in on backward).
+        return_info: also return the frozen :class:`ImplicitInfo` of the forward solve.
+        accept_factor: the forward is accepted (``converged``, no warning) when
+            ``‖∇f(y*)‖ ≤ accept_factor·tol``; 1 (default) is the plain test. A slack > 1 is for solvers
+            whose own stopping test differs from the layer's (e.g. black boxes); both numbers are reported.
     """
-    check_implicit_options(tol, backward_tol, backward_max_iter, damping)
-    params_l = _prepare(f, y0, inputs, backward, ARGMIN_BACKWARDS, params)
+    params_l, strategy, accept_factor = _prepare("argmin", f, y0, inputs, params, backward, "symmetric", tol,
+                                                 backward_tol, backward_max_iter, damping, accept_factor)
     with torch.no_grad():
         probe = f(y0, *inputs)
     if not isinstance(probe, Tensor):
@@ -335,9 +374,10 @@ def argmin(
             "sample along y's leading dimension"
         )
     _check_finite("f", probe)
-    y0_b, unbatch = _as_batched(y0, batched)
+    y0_b = y0 if batched else y0.unsqueeze(0)
+    tol_v = stationarity_tol(y0.dtype, tol)
     if batched and y0.shape[0] == 0:
-        return _empty_batch(y0, inputs, params_l, tol, return_info)
+        return _empty_batch("argmin", y0, inputs, params_l, tol_v, accept_factor, return_info)
 
     def fun_b(y: Tensor, *args: Any) -> Tensor:
         out = f(y if batched else y[0], *args)
@@ -345,63 +385,26 @@ def argmin(
 
     inputs_nograd = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
     check_has_curvature(lambda y: fun_b(y, *inputs_nograd), y0_b)
-
-    tol_v = tol if tol is not None else default_tol(y0.dtype)
-    rtol = backward_tol if backward_tol is not None else (1e-10 if y0.dtype == torch.float64 else 1e-5)
     slv = make_minimizer(solver, tol_v)
-    if backward == "unroll":
-        if not hasattr(slv, "minimize"):
-            raise ValueError(
-                "backward='unroll' needs a torch solver ('newton', 'gd'); a black box cannot be unrolled"
-            )
-        with torch.enable_grad():
-            y_b, iters = slv.minimize(lambda y: fun_b(y, *inputs), y0_b, differentiable=True)
-    else:
-        inputs_d = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
-        fun_d = lambda y: fun_b(y, *inputs_d)
-        with torch.no_grad():
-            if hasattr(slv, "minimize"):
-                y_star, iters = slv.minimize(fun_d, y0_b)
-            else:
-                y_user = slv(lambda y: f(y, *inputs_d), y0.detach().clone())
-                y_star = check_solver_output(y_user, y0)
-                y_star, iters = (y_star if batched else y_star.unsqueeze(0)), None
-        y_star = y_star.detach()
+    y_b, iters = _solve_forward(slv, "minimize", fun_b, f, y0, y0_b, inputs, batched,
+                                isinstance(strategy, Unroll))
     with torch.enable_grad():
-        yr = (y_b if backward == "unroll" else y_star).detach().requires_grad_()
+        yr = y_b.detach().requires_grad_()
         (gr,) = torch.autograd.grad(
             fun_b(yr, *[t.detach() if isinstance(t, Tensor) else t for t in inputs]).sum(), yr
         )
-    residual = _norm(gr)
+    residual = norm(gr)
     nan_grad = torch.isnan(residual) & torch.isfinite(yr.detach().reshape(residual.shape[0], -1)).all(1)
     if bool(nan_grad.any()):
         # A finite y* with a NaN gradient is a property of the objective, not of the solver: the IFT needs
         # ∇f and ∇²f at y*, so a silent NaN (or a warning) would only move the failure into backward.
         raise ValueError(
-            f"argmin: the objective's gradient is NaN at the solution y* for {_failing(nan_grad, residual)}; "
-            "f is not differentiable there (e.g. sqrt, abs or norm at 0). Smooth the objective "
-            "(sqrt(y² + ε)) or start the solver elsewhere."
+            f"argmin: the objective's gradient is NaN at the solution y* for "
+            f"{describe_failing(nan_grad, residual)}; f is not differentiable there (e.g. sqrt, abs or norm "
+            "at 0). Smooth the objective (sqrt(y² + ε)) or start the solver elsewhere."
         )
-    converged = _forward_check("argmin", residual, yr.detach(), tol_v, 10.0, strict)
-    info = ImplicitInfo(residual, iters, converged, tol_v)
-    if backward == "unroll":
-        out = y_b
-    else:
-        out = _attach(
-            "argmin",
-            fun_b,
-            y_star,
-            inputs,
-            params_l,
-            backward,
-            rtol,
-            backward_max_iter,
-            damping,
-            strict,
-            info,
-        )
-    out = unbatch(out)
-    return (out, info) if return_info else out
+    return _implicit_layer("argmin", f, fun_b, y_b, iters, inputs, params_l, strategy, residual, tol_v,
+                           accept_factor, strict, "‖∇f(y*)‖", batched, return_info)
 
 
 def root(
@@ -409,31 +412,33 @@ def root(
     y0: Tensor,
     *inputs: Any,
     solver: Any = None,
-    backward: str = "normal_cg",
-    batched: bool = False,
+    backward: str | _strategies.Strategy = "normal_cg",
     tol: float | None = None,
     backward_tol: float | None = None,
     backward_max_iter: int | None = None,
-    damping: float = 0.0,
+    damping: float | None = None,
+    batched: bool = False,
     strict: bool = False,
     params: Sequence[Tensor] | None = None,
     return_info: bool = False,
+    accept_factor: float = 1.0,
 ) -> Tensor | tuple[Tensor, ImplicitInfo]:
     """Differentiable root ``F(y*, *inputs) = 0``, backward by the IFT with the transposed Jacobian.
 
     ``dy*/dθ = −J⁻¹ ∂F/∂θ`` with ``J = ∂F/∂y``; the VJP solves ``Jᵀ w = v`` matrix-free. ``backward``:
-    ``"normal_cg"`` (default; the paper's CG on the normal equations, one JVP + one VJP per iteration; the
-    alias ``"cg"`` means the same), ``"gmres"``, ``"dense"`` or ``"unroll"``.
+    :class:`~diffmpc.backward.NormalCG` / ``"normal_cg"`` (default; the paper's CG on the normal
+    equations, one JVP + one VJP per iteration; ``"cg"`` is its backwards-compatible alias — J is not
+    symmetric, so plain CG is refused), ``GMRES`` / ``"gmres"``, ``Dense`` / ``"dense"`` or ``Unroll`` /
+    ``"unroll"``.
 
     ``F(y, *inputs)`` must return a tensor shaped like y. With ``batched=True`` the leading dimension of y
     indexes independent problems (sample b of F depends only on sample b of y): solves, tolerances and
-    diagnostics are then per sample. Other arguments as in :func:`argmin`; solvers: ``"newton"`` (default,
-    normal-equation CG Newton), ``"fixed_point"``, an object with ``.find_root(F, y0)``, or a callable.
+    diagnostics are then per sample. Other arguments as in :func:`argmin` (``accept_factor`` applies to
+    ``‖F(y*)‖``); solvers: ``"newton_krylov"`` (default; alias ``"newton"``), ``"fixed_point"``, an object
+    with ``.find_root(F, y0)``, or a callable.
     """
-    if backward == "cg":
-        backward = "normal_cg"
-    check_implicit_options(tol, backward_tol, backward_max_iter, damping)
-    params_l = _prepare(F, y0, inputs, backward, ROOT_BACKWARDS, params)
+    params_l, strategy, accept_factor = _prepare("root", F, y0, inputs, params, backward, "general", tol,
+                                                 backward_tol, backward_max_iter, damping, accept_factor)
     if batched and y0.ndim == 0:
         raise ValueError("batched=True needs y0 with a leading batch dimension")
     with torch.no_grad():
@@ -442,41 +447,18 @@ def root(
         shape = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
         raise ValueError(f"F must return a tensor shaped like y ({tuple(y0.shape)}), got {shape}")
     _check_finite("F", probe)
-    y0_b, unbatch = _as_batched(y0, batched)
+    y0_b = y0 if batched else y0.unsqueeze(0)
+    tol_v = stationarity_tol(y0.dtype, tol)
     if batched and y0.shape[0] == 0:
-        return _empty_batch(y0, inputs, params_l, tol, return_info)
+        return _empty_batch("root", y0, inputs, params_l, tol_v, accept_factor, return_info)
 
     def fun_b(y: Tensor, *args: Any) -> Tensor:
         return F(y, *args) if batched else F(y[0], *args).unsqueeze(0)
 
-    tol_v = tol if tol is not None else default_tol(y0.dtype)
-    rtol = backward_tol if backward_tol is not None else (1e-10 if y0.dtype == torch.float64 else 1e-5)
     slv = make_root_solver(solver, tol_v)
-    if backward == "unroll":
-        if not hasattr(slv, "find_root"):
-            raise ValueError("backward='unroll' needs a torch solver ('newton', 'fixed_point')")
-        with torch.enable_grad():
-            y_b, iters = slv.find_root(lambda y: fun_b(y, *inputs), y0_b, differentiable=True)
-        y_star = y_b.detach()
-    else:
-        inputs_d = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
-        with torch.no_grad():
-            if hasattr(slv, "find_root"):
-                y_star, iters = slv.find_root(lambda y: fun_b(y, *inputs_d), y0_b)
-            else:
-                y_user = slv(lambda y: F(y, *inputs_d), y0.detach().clone())
-                y_star = check_solver_output(y_user, y0)
-                y_star, iters = (y_star if batched else y_star.unsqueeze(0)), None
-        y_star = y_star.detach()
+    y_b, iters = _solve_forward(slv, "find_root", fun_b, F, y0, y0_b, inputs, batched,
+                                isinstance(strategy, Unroll))
     with torch.no_grad():
-        residual = _norm(fun_b(y_star, *inputs).detach())
-    converged = _forward_check("root", residual, y_star, tol_v, 10.0, strict)
-    info = ImplicitInfo(residual, iters, converged, tol_v)
-    if backward == "unroll":
-        out = y_b
-    else:
-        out = _attach(
-            "root", fun_b, y_star, inputs, params_l, backward, rtol, backward_max_iter, damping, strict, info
-        )
-    out = unbatch(out)
-    return (out, info) if return_info else out
+        residual = norm(fun_b(y_b.detach(), *inputs).detach())
+    return _implicit_layer("root", F, fun_b, y_b, iters, inputs, params_l, strategy, residual, tol_v,
+                           accept_factor, strict, "‖F(y*)‖", batched, return_info)

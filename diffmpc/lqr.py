@@ -30,13 +30,22 @@ For an upstream gradient G = ∂L/∂S (symmetrised), the IFT gives ``∂L/∂θ
 ``"lyapunov"``  default: ``−w = Y`` solves one discrete Lyapunov (Stein) equation ``Y = A_cl Y A_clᵀ + G``
                 (batched torch squared Smith / doubling iteration, O(n³ log κ)), then (3) in closed form:
                 ``∂L/∂Q = Y``, ``∂L/∂R = K Y Kᵀ``, ``∂L/∂A = 2 S A_cl Y``, ``∂L/∂B = −2 S A_cl Y Kᵀ``.
-``"cg"``        the paper's matrix-free IFT: Jᵀw = G by CG on the normal equations (J is not symmetric),
+``"normal_cg"`` the paper's matrix-free IFT: Jᵀw = G by CG on the normal equations (J is not symmetric),
                 J and Jᵀ as autograd JVP/VJP of the Riccati residual (1); ``−wᵀ∂F/∂θ`` as one more VJP.
-``"gmres"``     as ``"cg"`` but restarted GMRES on Jᵀ (needs only VJPs).
-``"dense"``     the naive IFT: the explicit n²×n² Jacobian ∂F/∂S (n² autograd VJPs) and a dense solve, O(n⁶).
+                ``"cg"`` is its backwards-compatible alias; the object is :class:`diffmpc.backward.NormalCG`.
+``"gmres"``     as ``"normal_cg"`` but restarted GMRES on Jᵀ (needs only VJPs);
+                :class:`~diffmpc.backward.GMRES`.
+``"dense"``     the naive IFT: the explicit n²×n² Jacobian ∂F/∂S (n² autograd VJPs) and a dense solve, O(n⁶);
+                :class:`~diffmpc.backward.Dense`.
 ``"analytic"``  East et al. (2020)'s closed form: the full Kronecker-product Jacobians
                 ``∂vec S/∂vec θ = (I − A_clᵀ⊗A_clᵀ)^{-1} ∂vec F/∂vec θ`` for all θ, contracted with G, O(n⁶).
 ==============  ============================================================================================
+
+``"normal_cg"``, ``"gmres"`` and ``"dense"`` run through the shared implicit-differentiation front end
+(``diffmpc._impl.ift``, the same as :func:`diffmpc.root`), so they report the same per-sample true
+residual; converged means ``‖G − Jᵀw‖ ≤ backward_tol·‖G‖``. ``"lyapunov"`` accepts a Stein relative
+residual ``≤ max(backward_tol, 1000·eps)`` (the doubling's attainable accuracy). Each backward emits a
+:class:`diffmpc.BackwardInfo` (``layer="dare"``) to :func:`diffmpc.record_backward`.
 
 All functions are batched over leading dimensions (broadcast between A, B, Q, R).
 """
@@ -50,9 +59,12 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-from . import linalg
-from .implicit import ConvergenceWarning
-from .solvers import jacobian_products
+from . import backward as _strategies
+from ._impl.ift import ift_vjp
+from ._impl.records import BackwardInfo, emit, next_call_id
+from ._impl.tolerances import linear_tol
+from .backward import with_defaults
+from .implicit import ConvergenceWarning, report_solve
 
 __all__ = [
     "dare", "dlqr", "BACKWARDS", "LQRError", "NotStabilizableError", "NoStabilizingSolutionError",
@@ -60,7 +72,9 @@ __all__ = [
     "FORWARDS",
 ]
 
-BACKWARDS = ("lyapunov", "cg", "gmres", "dense", "analytic")
+#: Canonical backward names (``"cg"`` is accepted as the alias of ``"normal_cg"``).
+BACKWARDS = ("lyapunov", "normal_cg", "gmres", "dense", "analytic")
+_CLOSED_FORMS = ("lyapunov", "analytic")
 
 
 class LQRError(ValueError):
@@ -318,28 +332,22 @@ def _backward_lyapunov(S, A, B, Q, R, G, opts):
     Y, res = stein(Acl, G)
     _warn_solve("lyapunov (Stein doubling)", res, opts["rtol"])
     SAY = S @ Acl @ Y
+    emit(BackwardInfo("dare", opts["call_id"], "lyapunov"))
     return 2 * SAY, -2 * SAY @ K.transpose(-1, -2), Y, K @ Y @ K.transpose(-1, -2)
 
 
 def _backward_krylov(S, A, B, Q, R, G, opts):
+    """The shared IFT front end on the Riccati residual (1): Jᵀ w = G, then −wᵀ∂F/∂θ."""
+    strategy = opts["backward"]
+    if strategy.max_iter is None:  # the normal equations square the condition number: allow more than 2n²
+        strategy = with_defaults(strategy, tol=strategy.tol, max_iter=min(10 * S[0].numel() + 50, 2000))
     with torch.enable_grad():
         Sl = S.detach().requires_grad_()
         leaves = [t.detach().requires_grad_() for t in (A, B, Q, R)]
         F = riccati_residual(Sl, *leaves)
-        jvp, vjp = jacobian_products(F, Sl)  # J u and Jᵀ u with J = ∂F/∂S
-        method = {"cg": "normal_cg", "gmres": "gmres", "dense": "dense"}[opts["backward"]]
-        # Jᵀ w = G: the operator is Jᵀ (a VJP), its transpose J (a JVP).
-        max_iter = opts["max_iter"]
-        if max_iter is None:  # the normal equations square the condition number: allow more than 2n²
-            max_iter = min(10 * S[0].numel() + 50, 2000)
-        w, info = linalg.solve(method, vjp, G, rmatvec=jvp, rtol=opts["rtol"], max_iter=max_iter)
-        grads = torch.autograd.grad(F, leaves, grad_outputs=-w)
-    bad = ~info.converged
-    if bool(bad.any()):
-        warnings.warn(f"dare backward: the {info.method} solve did not converge for {int(bad.sum())} of "
-                      f"{bad.numel()} samples (residuals {info.residual[bad][:8].tolist()}, iterations "
-                      f"{info.iterations[bad][:8].tolist()}, rtol={opts['rtol']:g}); raise "
-                      "backward_max_iter or use backward='lyapunov'", ConvergenceWarning, stacklevel=3)
+        grads, _, info, notes = ift_vjp(F, Sl, leaves, G, strategy, symmetric=False)
+    emit(BackwardInfo("dare", opts["call_id"], repr(strategy), (info,), notes))
+    report_solve("dare", info, False, "raise backward_max_iter or use backward='lyapunov'.")
     return grads
 
 
@@ -376,14 +384,18 @@ def _backward_analytic(S, A, B, Q, R, G, opts):
 
 
 def _warn_solve(what: str, res: Tensor, rtol: float) -> None:
-    bad = res > max(rtol, 1e3 * torch.finfo(res.dtype).eps)
+    bad = res > max(rtol, 1e3 * torch.finfo(res.dtype).eps)  # the documented acceptance (module docstring)
     if bool(bad.any()):
         warnings.warn(f"dare backward: {what} relative residual {res[bad][:8].tolist()} for {int(bad.sum())} "
                       f"of {bad.numel()} samples (ρ(A − BK) close to 1?)", ConvergenceWarning, stacklevel=4)
 
 
-_BACKWARD_IMPL = {"lyapunov": _backward_lyapunov, "cg": _backward_krylov, "gmres": _backward_krylov,
-                  "dense": _backward_krylov, "analytic": _backward_analytic}
+def _backward_closed_form_analytic(S, A, B, Q, R, G, opts):
+    emit(BackwardInfo("dare", opts["call_id"], "analytic"))
+    return _backward_analytic(S, A, B, Q, R, G, opts)
+
+
+_CLOSED_FORM_IMPL = {"lyapunov": _backward_lyapunov, "analytic": _backward_closed_form_analytic}
 
 
 class _DARE(torch.autograd.Function):
@@ -399,14 +411,16 @@ class _DARE(torch.autograd.Function):
     def backward(ctx, grad_S: Tensor):
         A, B, Q, R, S = ctx.saved_tensors
         G = _sym(grad_S)  # S is symmetric: only the symmetric part of ∂L/∂S acts on it
-        gA, gB, gQ, gR = _BACKWARD_IMPL[ctx.opts["backward"]](S, A, B, Q, R, G, ctx.opts)
+        impl = _CLOSED_FORM_IMPL.get(ctx.opts["backward"], _backward_krylov)
+        gA, gB, gQ, gR = impl(S, A, B, Q, R, G, ctx.opts)
         return gA, gB, _sym(gQ), _sym(gR), None
 
 
 # ------------------------------------------------------------------------------------------------ public
 def _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter, forward):
-    if backward not in BACKWARDS:
-        raise ValueError(f"unknown backward {backward!r}; choose one of {BACKWARDS}")
+    strategy = _strategies.resolve(backward, operator="general", layer="dare", tol=backward_tol,
+                                   max_iter=backward_max_iter, extra=_CLOSED_FORMS,
+                                   allowed=("normal_cg", "cg", "gmres", "dense"))
     if forward not in FORWARDS:
         raise ValueError(f"unknown forward {forward!r}; choose one of {FORWARDS}")
     n, m, batch = _check(A, B, Q, R)
@@ -414,13 +428,14 @@ def _prepare(A, B, Q, R, backward, backward_tol, backward_max_iter, forward):
     A_, B_, Q_, R_ = flat
     Q_, R_ = _sym(Q_), _sym(R_)
     _check_r(R_.detach())
-    if backward_tol is None:
-        backward_tol = 1e-10 if A.dtype == torch.float64 else 1e-5
-    opts = {"backward": backward, "rtol": backward_tol, "max_iter": backward_max_iter, "forward": forward}
+    if isinstance(strategy, _strategies.LinearSolve):
+        strategy = with_defaults(strategy, tol=linear_tol(A.dtype), max_iter=None)
+    opts = {"backward": strategy, "rtol": linear_tol(A.dtype, backward_tol), "max_iter": backward_max_iter,
+            "forward": forward, "call_id": next_call_id()}
     return A_, B_, Q_, R_, batch, opts
 
 
-def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapunov",
+def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str | _strategies.Strategy = "lyapunov",
          backward_tol: float | None = None, backward_max_iter: int | None = None,
          forward: str = "sda") -> Tensor:
     """Differentiable stabilising solution S of the DARE, Eq. (1); batched over leading dimensions.
@@ -429,7 +444,9 @@ def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapuno
         A: ``(..., n, n)`` dynamics, ``x' = Ax + Bu``.  B: ``(..., n, m)``.
         Q: ``(..., n, n)`` state cost (its symmetric part is used).  R: ``(..., m, m)`` input cost
             (symmetric part must be positive definite).
-        backward: one of :data:`BACKWARDS` (see the module docstring); all give the same gradient.
+        backward: one of :data:`BACKWARDS` (alias ``"cg"`` = ``"normal_cg"``) or a strategy object
+            :class:`~diffmpc.backward.NormalCG`, ``GMRES``, ``Dense`` (see the module docstring); all give
+            the same gradient.
         backward_tol: relative tolerance of the backward linear solve (default 1e-10 in float64, 1e-5 else).
         backward_max_iter: iteration cap for ``"cg"`` / ``"gmres"`` (default ``min(10 n² + 50, 2000)``).
         forward: ``"sda"`` (batched torch doubling, default) or ``"scipy"`` (``solve_discrete_are`` per
@@ -449,7 +466,7 @@ def dare(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapuno
     return S.reshape(*batch, *S.shape[-2:])
 
 
-def dlqr(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str = "lyapunov",
+def dlqr(A: Tensor, B: Tensor, Q: Tensor, R: Tensor, *, backward: str | _strategies.Strategy = "lyapunov",
          backward_tol: float | None = None, backward_max_iter: int | None = None,
          forward: str = "sda") -> Tensor:
     """Differentiable infinite-horizon LQR gain ``K = (R + BᵀSB)⁻¹BᵀSA`` (Eq. 2), control ``u = −Kx``.

@@ -112,7 +112,8 @@ class MPCInfo:
     step_tol); ``forward_iterations``: Newton iterations; ``cost``: the horizon cost J of the returned plan;
     ``sample_cost``: that of the sampler's best plan; ``active``: ``(B, H, m)`` controls on a bound (zero
     derivative); ``step``: ‖d‖∞ of the last Newton step; ``implicit``: the :class:`diffmpc.ImplicitInfo`
-    of the backward's argmin (its ``backward`` fills in on backward); ``z``: tanh path only.
+    of the backward's argmin (frozen; its backward diagnostics arrive in :func:`diffmpc.record_backward`,
+    tagged with ``implicit.call_id``); ``z``: tanh path only.
     """
 
     cost: Tensor

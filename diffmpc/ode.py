@@ -17,11 +17,13 @@ the states (memory O(steps·state), independent of the solver's iterations), and
 per-layer bookkeeping. ``options["step_layers"]=True`` instead chains the ``root`` layers through
 autograd (one graph of h kept per step) — the same gradient, used as the reference in tests/benchmarks.
 
-**IFT CG** solves ``Jᵀ w = v`` by CG on the normal equations (the paper's choice; :func:`_cgnr`), stopping
-per sample once ``‖v − Jᵀw‖ ≤ backward_tol·‖v‖`` — the same relative-residual acceptance as the other
-backwards. ``Jᵀu`` is a VJP and ``J u`` a JVP (double backward) of the one graph of h; the parameter
-gradient and the final residual come from one more VJP. ``options["warm_start"]=True`` starts CG at
-``v`` (the solution for ``J = I``); off by default, see :class:`_BackwardEulerIFT`.
+**IFT CG** solves ``Jᵀ w = v`` by CG on the normal equations (the paper's choice;
+:class:`diffmpc.backward.NormalCG`, through the shared front end ``diffmpc._impl.ift`` that
+:func:`diffmpc.root`, :func:`diffmpc.argmin` and :func:`diffmpc.dare` use too), converged exactly when
+``‖v − Jᵀw‖ ≤ backward_tol·‖v‖`` for the true residual. ``Jᵀu`` is a VJP and ``J u`` a JVP (double
+backward) of the one graph of h; the parameter gradient and the final residual come from one more VJP.
+``options["warm_start"]=True`` starts CG at ``v`` (the solution for ``J = I``); off by default, see
+:class:`_BackwardEulerIFT`.
 
 *Why a root and not the argmin of ``½‖F‖²``?* Both have the same IFT gradient at an exact root (there the
 Hessian of ``½‖F‖²`` is ``JᵀJ`` and ``−(JᵀJ)⁻¹Jᵀ∂F/∂θ = −J⁻¹∂F/∂θ``), and the paper solves the same normal
@@ -31,7 +33,7 @@ minima with ``F ≠ 0`` where the IFT gradient is wrong; (ii) the argmin Hessian
 ``Σ F_i ∇²F_i``, which vanishes only at the exact root and costs an extra double backward.
 
 **Forward solvers** (``solver=``): ``"auto"`` (default; :class:`FixedPointNewton`: fixed point while it
-contracts, then Newton), ``"newton"`` (:class:`diffmpc.solvers.NewtonRoot`, Newton
+contracts, then Newton), ``"newton"`` (:class:`diffmpc.solvers.NewtonKrylov`, Newton
 steps by the paper's normal-equation CG, for stiff fields) or ``"fixed_point"`` (iterate
 ``x ← x_n + Δt h(x)``, which converges when ``Δt·Lip(h) < 1``), or any solver :func:`diffmpc.root` accepts.
 The initial guess is the explicit-Euler predictor ``x_n + Δt h(t_n, x_n)`` (``options["predictor"]``).
@@ -39,9 +41,10 @@ The initial guess is the explicit-Euler predictor ``x_n + Δt h(t_n, x_n)`` (``o
 **Backward modes** (``backward=``) for ``method="backward_euler"``:
 
 =============  ===========================================================================================
-``"cg"``       IFT per step, ``Jᵀw = v`` by CG on the normal equations (the paper's "IFT CG").
-``"dense"``    IFT per step with J materialised and solved directly (the paper's "IFT naive").
-``"gmres"``    IFT per step, GMRES on ``Jᵀ``.
+``"normal_cg"`` IFT per step, ``Jᵀw = v`` by CG on the normal equations (the paper's "IFT CG"; default).
+               ``"cg"`` is its backwards-compatible alias; object :class:`~diffmpc.backward.NormalCG`.
+``"dense"``    IFT per step with J materialised and solved directly (the paper's "IFT naive"; ``Dense``).
+``"gmres"``    IFT per step, GMRES on ``Jᵀ`` (``GMRES``).
 ``"unroll"``   backpropagate through the forward solver's iterations (memory grows with iterations).
 ``"adjoint"``  the adjoint method of Chen et al. (2018): the augmented system ``ż = h``,
                ``ȧ = −aᵀ∂h/∂z``, ``ȧ_θ = −aᵀ∂h/∂θ`` is integrated *backward in time with backward Euler*
@@ -70,7 +73,6 @@ and every torchdiffeq method (``"dopri5"``, ``"rk4"``, ...; ``backward="adjoint"
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -79,44 +81,50 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import linalg
+from . import backward as _strategies
 from ._checks import check_implicit_options
+from ._impl.batch import col as _col
+from ._impl.batch import norm as _norm
+from ._impl.ift import ift_vjp
+from ._impl.krylov import SolveInfo
+from ._impl.records import BackwardInfo, emit, next_call_id
+from ._impl.tolerances import linear_tol, stationarity_tol
+from .backward import LinearSolve, NormalCG, Unroll, with_defaults
 from .errors import BadArgumentError
-from .implicit import ConvergenceError, ConvergenceWarning, ImplicitInfo, root
-from .linalg import SolveInfo, _col, _default_max_iter, _dot, _norm
-from .solvers import NewtonRoot, default_tol, jacobian_products, make_root_solver
+from .implicit import ImplicitInfo, check_accept_factor, module_params, report, root
+from .solvers import NewtonKrylov, make_root_solver
 
 __all__ = ["odeint", "OdeInfo", "FixedPointNewton", "IMPLICIT_METHODS", "BACKWARDS"]
 
 IMPLICIT_METHODS = ("backward_euler", "implicit_euler")
-BACKWARDS = ("cg", "dense", "gmres", "unroll", "adjoint")
-_ROOT_BACKWARD = {"cg": "normal_cg", "dense": "dense", "gmres": "gmres", "unroll": "unroll",
-                  "adjoint": "normal_cg"}  # the adjoint forward runs without a graph: any is fine
+#: Canonical backward names (``"cg"`` is accepted as the alias of ``"normal_cg"``).
+BACKWARDS = ("normal_cg", "dense", "gmres", "unroll", "adjoint")
 _OPTION_KEYS = ("step_size", "predictor", "tol", "backward_tol", "backward_max_iter", "batched", "strict",
-                "damping", "warm_start", "step_layers")
+                "damping", "warm_start", "step_layers", "accept_factor")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OdeInfo:
-    """Diagnostics of one :func:`odeint` call with backward Euler.
+    """Forward diagnostics of one :func:`odeint` call with backward Euler (immutable).
 
-    ``steps`` holds one :class:`~diffmpc.ImplicitInfo` per step (its ``backward`` fills in on backward;
-    empty for ``backward="adjoint"``, whose solves are summarised in ``adjoint_*``). ``n_steps`` counts the
-    integration steps, ``forward_iterations`` the solver iterations summed over steps (max over samples).
+    ``steps`` holds the frozen :class:`~diffmpc.ImplicitInfo` of every step's root solve, ``n_steps``
+    counts the integration steps, ``forward_iterations`` the solver iterations summed over steps (max over
+    samples), ``max_residual`` the largest ‖F‖ of any step. The backward's diagnostics arrive as one
+    :class:`~diffmpc.BackwardInfo` per backward call (``layer="odeint"``, one solve per step in step
+    order, tagged with ``call_id``) in :func:`diffmpc.record_backward`.
     """
 
-    n_steps: int = 0
-    forward_iterations: int = 0
-    max_residual: float = 0.0
-    steps: list[ImplicitInfo] = field(default_factory=list)
-    adjoint_linear_iterations: int = 0
-    adjoint_root_iterations: int = 0
+    n_steps: int
+    forward_iterations: int
+    max_residual: float
+    steps: tuple[ImplicitInfo, ...]
+    call_id: int
 
-    @property
-    def backward_iterations(self) -> int:
-        """Linear-solve iterations of the IFT backward summed over steps (max over samples)."""
-        its = [int(s.backward.iterations.max()) for s in self.steps if s.backward is not None]
-        return sum(its) + self.adjoint_linear_iterations
+    @classmethod
+    def from_steps(cls, steps: Sequence[ImplicitInfo], call_id: int) -> OdeInfo:
+        its = sum(int(s.forward_iterations.max()) for s in steps if s.forward_iterations is not None)
+        res = max((float(s.stationarity_residual.max()) for s in steps), default=0.0)
+        return cls(len(steps), its, res, tuple(steps), call_id)
 
 
 # Steps one odeint call may take: each stores a state (and the backward one more), so a tiny step_size would
@@ -142,7 +150,7 @@ def _empty_batch(y0: Tensor, t: Tensor, params: list[Tensor], return_info: bool)
     ys = y0.unsqueeze(0).expand(t.shape[0], *y0.shape) * 1
     for p in params:
         ys = ys + 0 * p.sum()
-    return (ys, OdeInfo()) if return_info else ys
+    return (ys, OdeInfo.from_steps([], next_call_id())) if return_info else ys
 
 
 def _grid(t: Tensor, step_size: float | None) -> tuple[list[float], list[int]]:
@@ -172,12 +180,6 @@ def _grid(t: Tensor, step_size: float | None) -> tuple[list[float], list[int]]:
     return grid, obs
 
 
-def _params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]:
-    found = [p for p in func.parameters() if p.requires_grad] if isinstance(func, nn.Module) else []
-    seen = {id(p) for p in found}
-    return found + [p for p in (params or []) if id(p) not in seen]
-
-
 class _Residual:
     """``F(y, y_prev) = y − y_prev − Δt h(t_next, y)`` (Eq. 4), a picklable closure over one step."""
 
@@ -191,16 +193,15 @@ class _Residual:
 @dataclass(frozen=True)
 class _Config:
     solver: Any
-    backward: str
+    strategy: Any  # a LinearSolve / Unroll object, or "adjoint"
     tol: float
-    backward_tol: float | None
-    backward_max_iter: int | None
     batched: bool
     strict: bool
-    damping: float
     predictor: str
     warm_start: bool = False
     step_layers: bool = False
+    accept_factor: float = 1.0
+    adjoint_solve: LinearSolve | None = None  # the adjoint's linear solves (backward="adjoint")
 
 
 def _predict(func: Callable, t: float, dt: float, y: Tensor, predictor: str) -> Tensor:
@@ -220,136 +221,47 @@ def _be_step(func: Callable, y_prev: Tensor, t: float, t_next: float, cfg: _Conf
     """One backward-Euler step as a :func:`diffmpc.root` layer (IFT backward)."""
     dt = t_next - t
     guess = _predict(func, t, dt, y_prev, cfg.predictor)
+    # The adjoint's forward runs without a graph: the strategy of its root layers is never used.
+    strategy = NormalCG() if cfg.strategy == "adjoint" else cfg.strategy
     return root(_Residual(func, t_next, dt), guess, y_prev, solver=_solver(cfg.solver, cfg.tol),
-                backward=_ROOT_BACKWARD[cfg.backward], batched=cfg.batched, tol=cfg.tol,
-                backward_tol=cfg.backward_tol, backward_max_iter=cfg.backward_max_iter, damping=cfg.damping,
-                strict=cfg.strict, params=params, return_info=True)
+                backward=strategy, batched=cfg.batched, tol=cfg.tol, strict=cfg.strict, params=params,
+                return_info=True, accept_factor=cfg.accept_factor)
 
 
-def _integrate_be(func, y0, grid, cfg, params, info: OdeInfo) -> Tensor:
-    """The backward-Euler states at every grid point, ``(len(grid), *y0.shape)``."""
+def _integrate_be(func, y0, grid, cfg, params, step_infos: list[ImplicitInfo]) -> Tensor:
+    """The backward-Euler states at every grid point, ``(len(grid), *y0.shape)``; appends each step's
+    forward info to ``step_infos``."""
     ys, y = [y0], y0
     for n in range(len(grid) - 1):
         y, step_info = _be_step(func, y, grid[n], grid[n + 1], cfg, params)
-        info.n_steps += 1
-        if step_info.forward_iterations is not None:
-            info.forward_iterations += int(step_info.forward_iterations.max())
-        info.max_residual = max(info.max_residual, float(step_info.stationarity_residual.max()))
-        info.steps.append(step_info)
+        step_infos.append(step_info)
         ys.append(y)
     return torch.stack(ys)
 
 
-class _StepProducts:
-    """Products with ``A = Jᵀ`` of one step, ``J = I − Δt ∂h/∂x`` at ``x_{n+1}``, from *one* graph of h.
+def _step_vjp(func: Callable, t: float, dt: float, z: Tensor, v: Tensor, params: list[Tensor],
+              strategy: LinearSolve, batched: bool, x0: Tensor | None = None,
+              ) -> tuple[Tensor, list[Tensor | None], SolveInfo]:
+    r"""IFT vector-Jacobian product of one backward-Euler step at ``x_{n+1} = z`` for the upstream ``v``.
 
-    ``A u = u − Δt (∂h/∂x)ᵀu`` is one VJP of the recorded graph. ``Aᵀu = J u`` is a JVP by the double-VJP
-    trick (``∂/∂s ⟨(∂h/∂x)ᵀs, u⟩``); its first, graph-building backward is made lazily on the first JVP
-    (CG needs it, the dense and GMRES solves never do) and reused for every later one. Forward-mode AD
-    (``torch.func.jvp``) was measured ~18× slower than this JVP for the 2→30→30→2 MLP on CPU.
-    """
-
-    def __init__(self, h: Tensor, z: Tensor, dt: float, damping: float):
-        self.h, self.z, self.dt, self.damping = h, z, dt, damping
-        self._s: Tensor | None = None
-        self._kts: Tensor | None = None
-
-    def _combine(self, u: Tensor, ku: Tensor | None) -> Tensor:
-        out = u if ku is None else u - self.dt * ku
-        return out + self.damping * u if self.damping else out
-
-    def A(self, u: Tensor) -> Tensor:
-        """``Jᵀ u`` (one VJP)."""
-        (ktu,) = torch.autograd.grad(self.h, self.z, u, retain_graph=True, allow_unused=True)
-        return self._combine(u, ktu)
-
-    def At(self, u: Tensor) -> Tensor:
-        """``J u`` (one JVP by double backward)."""
-        if self._kts is None:
-            self._s = torch.zeros_like(self.h, requires_grad=True)
-            (self._kts,) = torch.autograd.grad(self.h, self.z, self._s, create_graph=True, allow_unused=True)
-        if self._kts is None or not self._kts.requires_grad:  # h does not depend on x (or only affinely
-            return self._combine(u, None if self._kts is None else torch.zeros_like(u))  # with K = 0)
-        (ku,) = torch.autograd.grad(self._kts, self._s, u, retain_graph=True)
-        return self._combine(u, ku)
-
-
-def _cgnr(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None,
-          rtol: float, max_iter: int | None) -> tuple[Tensor, Tensor]:
-    r"""Batched CG on the normal equations ``AᵀA x = Aᵀb`` (CGNR; Saad 2003, Alg. 8.4), warm-startable.
-
-    The paper's normal-equation CG, written so that it stops on the residual of the *original* system,
-    ``‖b − A x‖ ≤ rtol·‖b‖`` per sample — the acceptance criterion reported for every backward solve —
-    which CGNR tracks for free by the recurrence ``r ← r − α A p`` (``A p`` is needed anyway). Each
-    iteration is one ``A`` and one ``Aᵀ`` product; a sample stops as soon as it is done (tested every
-    iteration: the products dominate the cost of the host sync), and the last ``Aᵀ r`` is skipped. A warm
-    start ``x0`` costs one extra ``A`` product (``r₀ = b − A x₀``). Returns ``(x, iterations)``.
-    """
-    max_iter = _default_max_iter(b, max_iter)
-    thresh = rtol * _norm(b)
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = b.clone() if x0 is None else b - A(x)
-    active = _norm(r) > thresh
-    iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
-    if not bool(active.any()):
-        return x, iters
-    z = At(r)
-    p, zz = z, _dot(z, z)
-    for _ in range(max_iter):
-        Ap = A(p)
-        ApAp = _dot(Ap, Ap)
-        ok = active & (ApAp > 0)
-        alpha = torch.where(ok, zz / torch.where(ApAp > 0, ApAp, torch.ones_like(ApAp)), 0.0)
-        x = x + _col(alpha, x) * p
-        r = r - _col(alpha, r) * Ap
-        iters = iters + ok.long()
-        active = ok & (_norm(r) > thresh)
-        if not bool(active.any()):
-            break
-        z = At(r)
-        zz_new = _dot(z, z)
-        beta = torch.where(active, zz_new / torch.where(zz > 0, zz, torch.ones_like(zz)), 0.0)
-        p = z + _col(beta, p) * p
-        zz = torch.where(active, zz_new, zz)
-    return x, iters
-
-
-def _ift_step(func: Callable, t: float, dt: float, z: Tensor, v: Tensor, params: list[Tensor], cfg: _Config,
-              rtol: float, x0: Tensor | None) -> tuple[Tensor, list[Tensor | None], SolveInfo]:
-    r"""IFT vector-Jacobian product of one step at ``x_{n+1} = z`` for the upstream gradient ``v``.
-
-    Solves ``Jᵀ w = v`` (``J = I − Δt ∂h/∂x``; Eqs. 2–3 for the root ``F = x_{n+1} − x_n − Δt h``) and returns
-    ``w`` (the gradient w.r.t. ``x_n``, since ``∂F/∂x_n = −I``), ``Δt wᵀ∂h/∂θ`` per parameter, and the
-    solve's report. The parameter gradients and the true residual ``‖v − Jᵀw‖`` come from one VJP.
+    The step residual is ``F = x_{n+1} − x_n − Δt h(t, x_{n+1})`` (Eq. 4); its Jacobian in ``x_{n+1}`` is
+    ``J = I − Δt ∂h/∂x`` and ``∂F/∂x_n = −I``. The shared front end solves ``Jᵀ w = v`` and returns
+    ``w`` (the gradient w.r.t. ``x_n``), ``Δt wᵀ∂h/∂θ`` per parameter (``−wᵀ∂F/∂θ``) and the solve's
+    report; parameter gradients and true residual come from one VJP of the one graph of h. ``x_n`` is a
+    constant of the graph (it does not change J), so it is left out of F here.
     """
     with torch.enable_grad():
         zr = z.detach().requires_grad_()
-        h = _hb(func, t, zr, cfg.batched)
-        if not h.requires_grad:  # h depends neither on x nor on a parameter: J = I
-            zeros = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
-            ok = torch.ones_like(zeros, dtype=torch.bool)
-            return v, [None] * len(params), SolveInfo(_norm(v - v), zeros, ok, ~ok, cfg.backward)
-        ops = _StepProducts(h, zr, dt, cfg.damping)
-        if cfg.backward == "cg":
-            w, iters = _cgnr(ops.A, ops.At, v, x0, rtol, cfg.backward_max_iter)
-        elif cfg.backward == "dense":  # the paper's "IFT naive": D VJPs build Jᵀ, then a direct solve
-            M = linalg.dense_matrix(ops.A, v)
-            w = torch.linalg.solve(M, v.reshape(v.shape[0], -1, 1))[..., 0].view_as(v)
-            iters = torch.full((v.shape[0],), v[0].numel(), dtype=torch.long, device=v.device)
-        else:
-            w, ginfo = linalg.gmres(ops.A, v, rtol=rtol, max_iter=cfg.backward_max_iter)
-            iters = ginfo.iterations
-        ktw, *gp = torch.autograd.grad(h, [zr, *params], w, allow_unused=True)
-    res = _norm(v - ops._combine(w, ktw))
-    ok = res <= 10 * rtol * _norm(v) + 1e-300  # the same acceptance as diffmpc.linalg's solvers
-    method = {"cg": "normal_cg", "dense": "dense", "gmres": "gmres"}[cfg.backward]
-    info = SolveInfo(res, iters, ok, torch.zeros_like(ok), method)
-    return w, [None if g is None else dt * g for g in gp], info
+        r = zr - dt * _hb(func, t, zr, batched)
+        grads, w, info, _ = ift_vjp(r, zr, params, v, strategy, symmetric=False, x0=x0)
+    return w, grads, info
 
 
 class _IFTSpec:
-    def __init__(self, func, grid, obs, cfg, info):
-        self.func, self.grid, self.obs, self.cfg, self.info = func, grid, obs, cfg, info
+    def __init__(self, func, grid, obs, cfg, call_id):
+        self.func, self.grid, self.obs, self.cfg, self.call_id = func, grid, obs, cfg, call_id
+        # filled by the forward, frozen into OdeInfo before odeint returns
+        self.step_infos: list[ImplicitInfo] = []
 
 
 class _BackwardEulerIFT(torch.autograd.Function):
@@ -375,7 +287,7 @@ class _BackwardEulerIFT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _IFTSpec, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():
-            states = _integrate_be(spec.func, y0.detach(), spec.grid, spec.cfg, [], spec.info)
+            states = _integrate_be(spec.func, y0.detach(), spec.grid, spec.cfg, [], spec.step_infos)
         ctx.spec = spec
         ctx.save_for_backward(states, *params)
         return states[spec.obs]
@@ -386,49 +298,51 @@ class _BackwardEulerIFT(torch.autograd.Function):
         spec: _IFTSpec = ctx.spec
         states, *params = ctx.saved_tensors
         cfg, grid = spec.cfg, spec.grid
-        rtol = cfg.backward_tol if cfg.backward_tol is not None else (1e-10 if states.dtype == torch.float64
-                                                                      else 1e-5)
         batch = (lambda u: u) if cfg.batched else (lambda u: u.unsqueeze(0))
         obs_at = {g: i for i, g in enumerate(spec.obs)}
         v = batch(grad_ys[obs_at[len(grid) - 1]])
         grads: list[Tensor | None] = [None] * len(params)
-        failed: list[tuple[int, float]] = []
+        solves: list[SolveInfo] = []
         for n in range(len(grid) - 2, -1, -1):
             x0 = v if cfg.warm_start else None
-            w, gp, sinfo = _ift_step(spec.func, grid[n + 1], grid[n + 1] - grid[n], batch(states[n + 1]), v,
-                                     params, cfg, rtol, x0)
-            step = spec.info.steps[n]
-            step.backward, step.backward_calls = sinfo, step.backward_calls + 1
-            grads = [a if g is None else (g if a is None else a + g) for a, g in zip(grads, gp, strict=True)]
-            if not bool(sinfo.converged.all()):
-                failed.append((n, float(sinfo.residual.max())))
-                if cfg.strict:
-                    break
+            w, gp, sinfo = _step_vjp(spec.func, grid[n + 1], grid[n + 1] - grid[n], batch(states[n + 1]), v,
+                                     params, cfg.strategy, cfg.batched, x0)
+            solves.append(sinfo)
+            grads = _accumulate(grads, gp)
+            if cfg.strict and not bool(sinfo.converged.all()):
+                break
             v = w + batch(grad_ys[obs_at[n]]) if n in obs_at else w
-        if failed:
-            worst = max(failed, key=lambda f: f[1])
-            _report(f"odeint IFT backward: the {sinfo.method} solve of Jᵀw = v did not converge at "
-                    f"{len(failed)} of {len(grid) - 1} steps (worst: step {worst[0]}, residual ‖v − Jᵀw‖ = "
-                    f"{worst[1]:.3g}, rtol={rtol:g}); raise options['backward_max_iter'] or use "
-                    "backward='dense'", cfg.strict)
+        solves.reverse()  # step order
+        emit(BackwardInfo("odeint", spec.call_id, repr(cfg.strategy), tuple(solves)))
+        _report_steps("odeint IFT backward", solves, len(grid) - 1, cfg.strict)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         return (None, v if cfg.batched else v[0], *grads)
 
 
-class _AdjointSpec:
-    def __init__(self, func, grid, obs, cfg, n_params, info):
-        self.func, self.grid, self.obs, self.cfg = func, grid, obs, cfg
-        self.n_params, self.info = n_params, info
+def _accumulate(acc: list[Tensor | None], new: Sequence[Tensor | None]) -> list[Tensor | None]:
+    return [a if g is None else (g if a is None else a + g) for a, g in zip(acc, new, strict=True)]
+
+
+def _report_steps(what: str, solves: Sequence[SolveInfo], n_steps: int, strict: bool) -> None:
+    """One warning for all steps whose solve missed its test: how many, the worst residual and threshold."""
+    failed = [(n, s) for n, s in enumerate(solves) if not bool(s.converged.all())]
+    if not failed:
+        return
+    n, worst = max(failed, key=lambda f: float((f[1].residual / f[1].threshold.clamp_min(1e-300)).max()))
+    k = int(torch.argmax(worst.residual / worst.threshold.clamp_min(1e-300)))
+    report(f"{what}: the {worst.method} solve of Jᵀw = v did not converge at {len(failed)} of {n_steps} "
+           f"steps (worst: step {n}, true residual ‖v − Jᵀw‖ = {float(worst.residual[k]):.3g} > threshold "
+           f"tol·‖v‖ = {float(worst.threshold[k]):.3g}, {int(worst.iterations[k])} iterations); raise "
+           "options['backward_max_iter'] or use backward='dense'", strict)
 
 
 class _BackwardEulerAdjoint(torch.autograd.Function):
     """Forward: backward-Euler trajectory (no graph kept). Backward: the adjoint ODE by backward Euler."""
 
     @staticmethod
-    def forward(ctx, spec: _AdjointSpec, y0: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, spec: _IFTSpec, y0: Tensor, *params: Tensor) -> Tensor:
         with torch.no_grad():
-            ys = _integrate_be(spec.func, y0.detach(), spec.grid, spec.cfg, [], spec.info)[spec.obs]
-        spec.info.steps = []  # their backward never runs; keep the summary numbers only
+            ys = _integrate_be(spec.func, y0.detach(), spec.grid, spec.cfg, [], spec.step_infos)[spec.obs]
         ctx.spec = spec
         ctx.save_for_backward(ys, *params)
         return ys
@@ -436,18 +350,18 @@ class _BackwardEulerAdjoint(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys: Tensor):
-        spec: _AdjointSpec = ctx.spec
+        spec: _IFTSpec = ctx.spec
         ys, *params = ctx.saved_tensors
         func, grid, obs, cfg = spec.func, spec.grid, spec.obs, spec.cfg
-        rtol = cfg.backward_tol if cfg.backward_tol is not None else (1e-10 if ys.dtype == torch.float64
-                                                                      else 1e-5)
         slv = _solver(cfg.solver, cfg.tol)
         unbatch = (lambda v: v) if cfg.batched else (lambda v: v[0])
         batch = (lambda v: v) if cfg.batched else (lambda v: v.unsqueeze(0))
         obs_at = {g: i for i, g in enumerate(obs)}
         a = batch(grad_ys[-1])
-        a_theta = [torch.zeros_like(p) for p in params]
+        a_theta: list[Tensor | None] = [None] * len(params)
         z = batch(ys[-1])
+        solves: list[SolveInfo] = []
+        root_iterations = 0
         for n in range(len(grid) - 2, -1, -1):
             t, dt = grid[n], grid[n + 1] - grid[n]
             # 1) z_n = z_{n+1} − Δt h(t_n, z_n): backward Euler run backward in time.
@@ -459,29 +373,24 @@ class _BackwardEulerAdjoint(torch.autograd.Function):
                     guess = z - dt * _hb(func, grid[n + 1], z, cfg.batched)
                 z_new, its = slv.find_root(Fz, guess)
                 res = _norm(Fz(z_new))
-            spec.info.adjoint_root_iterations += int(its.max())
-            _check_adjoint(res, cfg.tol, cfg.strict, "the backward state reconstruction")
+            root_iterations += int(its.max())
+            _check_adjoint(res, cfg.tol, cfg.accept_factor, cfg.strict, "the backward state reconstruction")
             if n in obs_at:
                 z_new = batch(ys[obs_at[n]])  # as torchdiffeq: reset to the forward solution at output times
             z = z_new.detach()
-            # 2) (I − Δt ∂h/∂z)ᵀ a_n = a_{n+1};  3) a_θ += Δt (∂h/∂θ)ᵀ a_n.
-            with torch.enable_grad():
-                zr = z.detach().requires_grad_()
-                hz = _hb(func, t, zr, cfg.batched)
-                jvp, vjp = jacobian_products(hz, zr)
-                matvec = lambda v, _vjp=vjp, _dt=dt: v - _dt * _vjp(v)   # the operator (I − ΔtJ)ᵀ
-                rmatvec = lambda v, _jvp=jvp, _dt=dt: v - _dt * _jvp(v)  # its transpose I − ΔtJ
-                a, sinfo = linalg.normal_cg(matvec, rmatvec, a, rtol=rtol, max_iter=cfg.backward_max_iter)
-                spec.info.adjoint_linear_iterations += int(sinfo.iterations.max())
-                if not bool(sinfo.converged.all()):
-                    _report(f"odeint adjoint: the linear solve did not converge (residual "
-                            f"{float(sinfo.residual.max()):.3g}, rtol={rtol:g})", cfg.strict)
-                if params:
-                    gp = torch.autograd.grad(hz, params, a, allow_unused=True)
-                    a_theta = [acc if g is None else acc + dt * g
-                               for acc, g in zip(a_theta, gp, strict=True)]
+            # 2) (I − Δt ∂h/∂z)ᵀ a_n = a_{n+1} and 3) a_θ += Δt (∂h/∂θ)ᵀ a_n: the IFT product of a
+            # backward-Euler step, evaluated at z_n (the exact discrete gradient evaluates it at z_{n+1}).
+            a, gp, sinfo = _step_vjp(func, t, dt, z, a, params, cfg.adjoint_solve, cfg.batched)
+            solves.append(sinfo)
+            a_theta = _accumulate(a_theta, gp)
+            if cfg.strict and not bool(sinfo.converged.all()):
+                break
             if n in obs_at:
                 a = a + batch(grad_ys[obs_at[n]])
+        solves.reverse()
+        emit(BackwardInfo("odeint", spec.call_id, "adjoint", tuple(solves), root_iterations=root_iterations))
+        _report_steps("odeint adjoint", solves, len(grid) - 1, cfg.strict)
+        a_theta = [torch.zeros_like(p) if g is None else g for p, g in zip(params, a_theta, strict=True)]
         return (None, unbatch(a), *a_theta)
 
 
@@ -491,16 +400,16 @@ class FixedPointNewton:
 
     The fixed-point map of Eq. 4, ``x ← x_n + Δt h(x)``, is cheap (one evaluation of h per iteration) and
     converges when ``Δt·Lip(h) < 1`` (non-stiff); where the residual stops shrinking fast enough within
-    ``fp_iter`` iterations (stiff samples), :class:`~diffmpc.solvers.NewtonRoot` takes over from the current
+    ``fp_iter`` iterations (stiff samples), :class:`~diffmpc.solvers.NewtonKrylov` takes over from the current
     iterate. Solving ``F = 0`` here, the fixed-point step is ``x ← x − F(x)``.
     """
 
     tol: float | None = None
     fp_iter: int = 30
-    newton: NewtonRoot = field(default_factory=NewtonRoot)
+    newton: NewtonKrylov = field(default_factory=NewtonKrylov)
 
     def find_root(self, F: Callable[[Tensor], Tensor], y0: Tensor, differentiable: bool = False):
-        tol = self.tol if self.tol is not None else default_tol(y0.dtype)
+        tol = stationarity_tol(y0.dtype, self.tol)
         y = y0 if differentiable else y0.detach()
         iters = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
         with torch.set_grad_enabled(differentiable):
@@ -518,7 +427,7 @@ class FixedPointNewton:
                 y, r, rn, iters = y_new, r_new, rn_new, iters + active.long()
             if not bool((rn > tol).any()):
                 return y, iters
-        newton = NewtonRoot(tol=tol, max_iter=self.newton.max_iter, linear_solver=self.newton.linear_solver,
+        newton = NewtonKrylov(tol=tol, max_iter=self.newton.max_iter, linear_solver=self.newton.linear_solver,
                             linear_rtol=self.newton.linear_rtol)
         if differentiable:
             y2, it2 = _newton_differentiable(newton, F, y)
@@ -527,7 +436,7 @@ class FixedPointNewton:
         return y2, iters + it2
 
 
-def _newton_differentiable(newton: NewtonRoot, F, y: Tensor):
+def _newton_differentiable(newton: NewtonKrylov, F, y: Tensor):
     # NewtonRoot restarts from y.detach(); keep the fixed-point part on the tape by re-adding it.
     y2, it = newton.find_root(F, y.detach().clone().requires_grad_(), differentiable=True)
     return y2 + (y - y.detach()), it
@@ -537,16 +446,10 @@ def _hb(func: Callable, t: float, y: Tensor, batched: bool) -> Tensor:
     return func(t, y) if batched else func(t, y[0]).unsqueeze(0)
 
 
-def _report(msg: str, strict: bool) -> None:
-    if strict:
-        raise ConvergenceError(msg)
-    warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-
-
-def _check_adjoint(res: Tensor, tol: float, strict: bool, what: str) -> None:
-    if not bool(torch.isfinite(res).all()) or bool((res > 10 * tol).any()):
-        _report(f"odeint adjoint: {what} did not converge (‖F‖ = {float(res.max()):.3g}, tol={tol:g}); "
-                "the adjoint gradient is unreliable", strict)
+def _check_adjoint(res: Tensor, tol: float, accept_factor: float, strict: bool, what: str) -> None:
+    if not bool(torch.isfinite(res).all()) or bool((res > accept_factor * tol).any()):
+        report(f"odeint adjoint: {what} did not converge (‖F‖ = {float(res.max()):.3g} > threshold "
+               f"{accept_factor * tol:g} = accept_factor·tol); the adjoint gradient is unreliable", strict)
 
 
 def _euler(func, y0, grid, obs) -> Tensor:
@@ -563,7 +466,7 @@ def odeint(
     t: Tensor,
     *,
     method: str = "backward_euler",
-    backward: str = "cg",
+    backward: str | _strategies.Strategy = "normal_cg",
     solver: Any = "auto",
     options: dict[str, Any] | None = None,
     params: Sequence[Tensor] | None = None,
@@ -581,11 +484,14 @@ def odeint(
         t: strictly increasing 1-D tensor of output times; each interval is one step unless
             ``options["step_size"]`` subdivides it.
         method: ``"backward_euler"`` (alias ``"implicit_euler"``), ``"euler"``, or any torchdiffeq method.
-        backward: ``"cg"`` | ``"dense"`` | ``"gmres"`` | ``"unroll"`` | ``"adjoint"`` (module docstring).
+        backward: ``"normal_cg"`` (default; alias ``"cg"``) | ``"dense"`` | ``"gmres"`` | ``"unroll"`` |
+            ``"adjoint"`` (module docstring), or a strategy object (:class:`~diffmpc.backward.NormalCG`,
+            ``GMRES``, ``Dense``, ``Unroll``) carrying its own ``tol``/``max_iter``/``damping``.
         solver: forward root solver of each implicit step: ``"auto"`` (fixed point, Newton where it stalls;
             :class:`FixedPointNewton`) | ``"newton"`` | ``"fixed_point"`` | an object with ``.find_root``.
         options: ``step_size`` (max step), ``predictor`` (``"euler"`` (default) or ``"none"``), ``tol``
-            (‖F‖ tolerance per step; default by dtype), ``backward_tol``, ``backward_max_iter``, ``damping``,
+            (‖F‖ tolerance per step; default by dtype), ``accept_factor`` (a step is converged when
+            ``‖F‖ ≤ accept_factor·tol``; default 1), ``backward_tol``, ``backward_max_iter``, ``damping``,
             ``strict``, ``batched`` (default: ``y0.ndim >= 2``), ``warm_start`` (IFT CG from ``v``; default
             False), ``step_layers`` (chain per-step ``root`` layers instead of the fused backward; default
             False). For torchdiffeq methods ``options`` is passed to torchdiffeq unchanged.
@@ -597,43 +503,55 @@ def odeint(
         raise TypeError(f"y0 must be a floating-point tensor, got {getattr(y0, 'dtype', type(y0).__name__)}")
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
-    if backward not in BACKWARDS:
-        raise ValueError(f"unknown backward {backward!r}; choose one of {BACKWARDS}")
     opts = dict(options or {})
     check_implicit_options(opts.get("tol"), opts.get("backward_tol"), opts.get("backward_max_iter"),
                            opts.get("damping", 0.0))
     _check_vector_field(func, y0, t)
     if y0.ndim >= 1 and y0.shape[0] == 0 and bool(opts.get("batched", y0.ndim >= 2)):
-        return _empty_batch(y0, t, _params(func, params), return_info)
+        return _empty_batch(y0, t, module_params(func, params), return_info)
     if method not in IMPLICIT_METHODS:
-        return _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info, params)
+        name = "unroll" if isinstance(backward, Unroll) else backward
+        if not isinstance(name, str):
+            raise ValueError(f"method={method!r} is explicit: use backward='adjoint' or 'unroll', not "
+                             f"{backward!r} (IFT strategies are for method='backward_euler')")
+        if name not in (*BACKWARDS, "cg"):
+            raise ValueError(f"unknown backward {backward!r}; choose one of {BACKWARDS}")
+        return _explicit(func, y0, t, method, name, opts, rtol, atol, return_info, params)
     unknown = set(opts) - set(_OPTION_KEYS)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)} for backward Euler; known: {_OPTION_KEYS}")
     if opts.get("predictor", "euler") not in ("euler", "none"):
         raise ValueError(f"options['predictor'] must be 'euler' or 'none', got {opts['predictor']!r}")
+    strategy = _strategies.resolve(backward, operator="general", layer="odeint", tol=opts.get("backward_tol"),
+                                   max_iter=opts.get("backward_max_iter"), damping=opts.get("damping"),
+                                   extra=("adjoint",))
+    adjoint_solve = None
+    if strategy == "adjoint":
+        if opts.get("damping"):
+            raise ValueError("options['damping'] is not supported with backward='adjoint'")
+        adjoint_solve = NormalCG(tol=linear_tol(y0.dtype, opts.get("backward_tol")),
+                                 max_iter=opts.get("backward_max_iter"))
+    elif isinstance(strategy, LinearSolve):
+        strategy = with_defaults(strategy, tol=linear_tol(y0.dtype), max_iter=None)
     grid, obs = _grid(t, opts.get("step_size"))
     batched = bool(opts.get("batched", y0.ndim >= 2))
     if batched and y0.ndim < 1:
         raise ValueError("options['batched']=True needs y0 with a leading batch dimension")
-    cfg = _Config(solver=solver, backward=backward, tol=opts.get("tol") or default_tol(y0.dtype),
-                  backward_tol=opts.get("backward_tol"), backward_max_iter=opts.get("backward_max_iter"),
+    cfg = _Config(solver=solver, strategy=strategy, tol=stationarity_tol(y0.dtype, opts.get("tol")),
                   batched=batched, strict=bool(opts.get("strict", False)),
-                  damping=float(opts.get("damping", 0.0)),
                   predictor=opts.get("predictor", "euler"), warm_start=bool(opts.get("warm_start", False)),
-                  step_layers=bool(opts.get("step_layers", False)))
-    prm = _params(func, params)
-    info = OdeInfo()
-    if backward == "adjoint":
-        if cfg.damping:
-            raise ValueError("options['damping'] is not supported with backward='adjoint'")
-        spec = _AdjointSpec(func, grid, obs, cfg, len(prm), info)
+                  step_layers=bool(opts.get("step_layers", False)),
+                  accept_factor=check_accept_factor(opts.get("accept_factor", 1.0)),
+                  adjoint_solve=adjoint_solve)
+    prm = module_params(func, params)
+    spec = _IFTSpec(func, grid, obs, cfg, next_call_id())
+    if strategy == "adjoint":
         ys = _BackwardEulerAdjoint.apply(spec, y0, *prm)
-    elif backward == "unroll" or cfg.step_layers:
-        ys = _integrate_be(func, y0, grid, cfg, prm, info)[obs]
+    elif isinstance(strategy, Unroll) or cfg.step_layers:
+        ys = _integrate_be(func, y0, grid, cfg, prm, spec.step_infos)[obs]
     else:
-        ys = _BackwardEulerIFT.apply(_IFTSpec(func, grid, obs, cfg, info), y0, *prm)
-    return (ys, info) if return_info else ys
+        ys = _BackwardEulerIFT.apply(spec, y0, *prm)
+    return (ys, OdeInfo.from_steps(spec.step_infos, spec.call_id)) if return_info else ys
 
 
 def _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info, params=None):
@@ -655,6 +573,7 @@ def _explicit(func, y0, t, method, backward, opts, rtol, atol, return_info, para
                             "gradients) or the tensors func closes over passed as params=[...]")
         # The adjoint integrates the parameter gradients itself: it must be told about every tensor that
         # should receive one (module parameters + params=); anything else silently gets no gradient.
+        adjoint_params = tuple(module_params(func, params))
         return torchdiffeq.odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                          options=opts or None, adjoint_params=tuple(_params(func, params)))
+                                          options=opts or None, adjoint_params=adjoint_params)
     return torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=opts or None)

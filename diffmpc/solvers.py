@@ -5,15 +5,21 @@ callable ``solver(fun, y0) -> y`` works as a black box. These are the defaults, 
 that each sample keeps its own step sizes and stops on its own:
 
 =================  =====================================================================================
-``"newton"``       :class:`NewtonCG` — truncated Newton: CG on Hessian-vector products, Steihaug-style
-                   stop on negative curvature, Armijo backtracking; never steps uphill.
+``"newton_cg"``    :class:`NewtonCG` — truncated Newton: CG on Hessian-vector products, Steihaug-style
+                   stop on negative curvature, Armijo backtracking; never steps uphill. Default;
+                   ``"newton"`` is its alias.
 ``"gd"``           :class:`GradientDescent` — fixed-step gradient descent (the simplest unrollable one).
 ``"lbfgs"``        :class:`LBFGS` — ``torch.optim.LBFGS`` on the summed objective (samples share steps).
 =================  =====================================================================================
 
-Root solvers (for :func:`diffmpc.root`): ``"newton"`` (:class:`NewtonRoot`: Newton steps solved with the
-paper's normal-equation CG, backtracking on ‖F‖²) and ``"fixed_point"`` (:class:`FixedPoint`:
-``y ← y − β F(y)``, i.e. iteration of ``G(y) = y − F(y)``).
+Root solvers (for :func:`diffmpc.root`): ``"newton_krylov"`` (:class:`NewtonKrylov`, default, alias
+``"newton"``; formerly ``NewtonRoot``: Newton steps solved matrix-free with the paper's normal-equation
+CG, backtracking on ‖F‖) and ``"fixed_point"`` (:class:`FixedPoint`: ``y ← y − β F(y)``, i.e. iteration
+of ``G(y) = y − F(y)``).
+
+"newton" used to name three different algorithms (this minimiser, this root finder, and the MPC layer's
+dense Newton); the names above say which is which, and ``"newton"`` stays accepted as an alias of the
+respective default. Default tolerances come from one table (:func:`default_tol`).
 
 All solvers take batched tensors ``(B, *S)``; ``fun`` returns ``(B,)`` scores, ``F`` returns ``(B, *S)``.
 ``minimize``/``find_root`` return ``(y, iterations)`` with ``iterations`` of shape ``(B,)``. With
@@ -29,8 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import linalg
-from .linalg import _col, _dot, _norm
+from ._impl import krylov
+from ._impl.batch import col as _col
+from ._impl.batch import dot as _dot
+from ._impl.batch import norm as _norm
+from ._impl.ift import AdjointOperator
+from ._impl.linesearch import armijo
+from ._impl.tolerances import stationarity_tol
 
 Objective = Callable[[Tensor], Tensor]
 
@@ -38,6 +49,7 @@ __all__ = [
     "NewtonCG",
     "GradientDescent",
     "LBFGS",
+    "NewtonKrylov",
     "NewtonRoot",
     "FixedPoint",
     "MINIMIZERS",
@@ -49,8 +61,16 @@ __all__ = [
 
 
 def default_tol(dtype: torch.dtype) -> float:
-    """Default stationarity tolerance ‖∇f‖ (or ‖F‖) for a dtype: ~eps^(2/3), loose enough to be reachable."""
-    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
+    """Default stationarity tolerance ‖∇f‖ (or ‖F‖) for a dtype: ~eps^(2/3), loose enough to be reachable
+    (1e-9 in float64, 1e-4 in float32, 1e-2 in half precision)."""
+    return stationarity_tol(dtype)
+
+
+def _start(y0: Tensor, tol: float | None, differentiable: bool) -> tuple[float, Tensor, Tensor]:
+    """Every iterative solver's start: its tolerance, the iterate (on the tape if unrolling), per-sample
+    iteration counts."""
+    iters = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+    return stationarity_tol(y0.dtype, tol), y0.detach().clone().requires_grad_(differentiable), iters
 
 
 def _grad(fun: Objective, y: Tensor, differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,9 +115,7 @@ class NewtonCG:
                              positive=("armijo",))
 
     def minimize(self, fun: Objective, y0: Tensor, differentiable: bool = False) -> tuple[Tensor, Tensor]:
-        tol = self.tol if self.tol is not None else default_tol(y0.dtype)
-        y = y0.detach().clone().requires_grad_(differentiable)
-        iters = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+        tol, y, iters = _start(y0, self.tol, differentiable)
         for _ in range(self.max_iter):
             yr, fval, g = _grad(fun, y, differentiable)
             gnorm = _norm(g.detach())
@@ -110,35 +128,24 @@ class NewtonCG:
                     return torch.autograd.grad(g, yr, v, retain_graph=True, create_graph=differentiable)[0]
 
                 forcing = gnorm.sqrt().clamp(max=0.5).min().item()
-                d, _ = linalg.cg(
-                    hvp, -g if differentiable else -g.detach(), rtol=forcing, max_iter=self.cg_max_iter
+                d, _ = krylov.solve(
+                    "cg", hvp, -g if differentiable else -g.detach(), rtol=forcing, max_iter=self.cg_max_iter,
+                    refinements=0,
                 )
                 slope = _dot(g.detach(), d.detach())
                 bad = (slope >= 0) | ~torch.isfinite(slope)
                 d = torch.where(_col(bad, d), -g, d)
                 slope = torch.where(bad, -(gnorm**2), slope)
-                alpha = self._line_search(fun, y, d, fval.detach(), slope, active)
+                f0 = fval.detach()
+                # Near the optimum f changes by O(‖∇f‖²), below f's own round-off: allow that much slack so
+                # that full Newton steps are still taken there instead of backtracking to zero.
+                slack = 16 * torch.finfo(f0.dtype).eps * f0.abs().clamp_min(1.0)
+                alpha = armijo(fun, y, d, f0, slope, active, c=self.armijo, slack=slack,
+                               max_backtracks=self.max_backtracks)
             step = _col(torch.where(active, alpha, 0.0), d) * d
             y = y + step if differentiable else (y + step).detach()
             iters = iters + active.long()
         return y, iters
-
-    def _line_search(self, fun, y, d, f0, slope, active) -> Tensor:
-        alpha = torch.ones_like(f0)
-        ok = ~active
-        # Near the optimum f changes by O(‖∇f‖²), below f's own round-off: allow that much slack so that
-        # full Newton steps are still taken there instead of backtracking to zero.
-        slack = 16 * torch.finfo(f0.dtype).eps * f0.abs().clamp_min(1.0)
-        with torch.no_grad():
-            yd, dd = y.detach(), d.detach()
-            for _ in range(self.max_backtracks):
-                ftry = fun(yd + _col(alpha, dd) * dd)
-                ok = ok | (torch.isfinite(ftry) & (ftry <= f0 + self.armijo * alpha * slope + slack))
-                if bool(ok.all()):
-                    break
-                alpha = torch.where(ok, alpha, alpha * 0.5)
-        # A sample whose backtracking failed takes no step rather than an uphill one.
-        return torch.where(ok, alpha, 0.0)
 
 
 @dataclass(frozen=True)
@@ -153,9 +160,7 @@ class GradientDescent:
         _check_solver_fields(self, ints=("max_iter",), positive=("lr",))
 
     def minimize(self, fun: Objective, y0: Tensor, differentiable: bool = False) -> tuple[Tensor, Tensor]:
-        tol = self.tol if self.tol is not None else default_tol(y0.dtype)
-        y = y0.detach().clone().requires_grad_(differentiable)
-        iters = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+        tol, y, iters = _start(y0, self.tol, differentiable)
         for _ in range(self.max_iter):
             _, _, g = _grad(fun, y, differentiable)
             active = _norm(g.detach()) > tol
@@ -181,13 +186,15 @@ class LBFGS:
     def minimize(self, fun: Objective, y0: Tensor, differentiable: bool = False) -> tuple[Tensor, Tensor]:
         if differentiable:
             raise ValueError("LBFGS cannot be unrolled; use solver='newton' or 'gd' with backward='unroll'")
-        tol = self.tol if self.tol is not None else default_tol(y0.dtype)
+        tol = stationarity_tol(y0.dtype, self.tol)
         y = y0.detach().clone().requires_grad_(True)
         opt = torch.optim.LBFGS(
             [y],
             max_iter=self.max_iter,
             history_size=self.history_size,
-            tolerance_grad=tol / max(1, y0.shape[0]) ** 0.5,
+            # LBFGS stops on max|∇Σf| ≤ tolerance_grad; each sample's ‖∇f_b‖ ≤ √N·max|·| (N = y.numel()),
+            # so this makes every sample meet the layer's test ‖∇f_b‖ ≤ tol.
+            tolerance_grad=tol / max(1, y0.numel()) ** 0.5,
             tolerance_change=0.0,
             line_search_fn="strong_wolfe",
         )
@@ -205,11 +212,12 @@ class LBFGS:
 
 
 @dataclass(frozen=True)
-class NewtonRoot:
-    """Newton's method for ``F(y) = 0`` with the Newton system ``J d = −F`` solved matrix-free.
+class NewtonKrylov:
+    """Newton–Krylov root finder for ``F(y) = 0``: the Newton system ``J d = −F`` solved matrix-free.
 
     ``linear_solver="normal_cg"`` is the paper's choice (CG on ``JᵀJ d = −JᵀF``: one JVP and one VJP per
-    iteration); ``"gmres"`` needs only JVPs. Steps backtrack on the merit ``½‖F‖²``.
+    iteration); ``"gmres"`` needs only JVPs. Steps backtrack (Armijo) on the merit ``‖F‖``, whose slope
+    along an exact Newton step is ``−‖F‖``.
     """
 
     tol: float | None = None
@@ -224,9 +232,7 @@ class NewtonRoot:
                              positive=("linear_rtol",))
 
     def find_root(self, F: Callable[[Tensor], Tensor], y0: Tensor, differentiable: bool = False):
-        tol = self.tol if self.tol is not None else default_tol(y0.dtype)
-        y = y0.detach().clone().requires_grad_(differentiable)
-        iters = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+        tol, y, iters = _start(y0, self.tol, differentiable)
         for _ in range(self.max_iter):
             with torch.enable_grad():
                 yr = y if (differentiable and y.requires_grad) else y.detach().requires_grad_()
@@ -238,24 +244,17 @@ class NewtonRoot:
             jvp, vjp = jacobian_products(r, yr, create_graph=differentiable)
             rhs = -r if differentiable else -r.detach()
             with torch.set_grad_enabled(differentiable):
-                d, _ = linalg.solve(
+                d, _ = krylov.solve(
                     self.linear_solver,
                     jvp,
                     rhs,
                     rmatvec=vjp,
                     rtol=self.linear_rtol,
                     max_iter=self.linear_max_iter,
+                    refinements=0,
                 )
-            alpha = torch.ones_like(rn)
-            ok = ~active
-            with torch.no_grad():
-                for _ in range(self.max_backtracks):
-                    rt = _norm(F(y.detach() + _col(alpha, d) * d.detach()))
-                    ok = ok | (torch.isfinite(rt) & (rt < rn * (1 - 1e-4 * alpha)))
-                    if bool(ok.all()):
-                        break
-                    alpha = torch.where(ok, alpha, alpha * 0.5)
-            alpha = torch.where(ok & active, alpha, 0.0)
+            alpha = armijo(lambda z: _norm(F(z)), y, d, rn, -rn, active, max_backtracks=self.max_backtracks)
+            alpha = torch.where(active, alpha, 0.0)
             step = _col(alpha, d) * d
             y = y + step if differentiable else (y + step).detach()
             iters = iters + active.long()
@@ -277,9 +276,7 @@ class FixedPoint:
         _check_solver_fields(self, ints=("max_iter",), positive=("damping",))
 
     def find_root(self, F: Callable[[Tensor], Tensor], y0: Tensor, differentiable: bool = False):
-        tol = self.tol if self.tol is not None else default_tol(y0.dtype)
-        y = y0.detach().clone()
-        iters = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
+        tol, y, iters = _start(y0, self.tol, False)  # on the tape through F when unrolling, not via y0
         with torch.set_grad_enabled(differentiable):
             for _ in range(self.max_iter):
                 r = F(y)
@@ -295,32 +292,28 @@ def jacobian_products(r: Tensor, y: Tensor, create_graph: bool = False):
     """Matrix-free ``u ↦ J u`` and ``u ↦ Jᵀ u`` for ``r = F(y)`` (J = ∂r/∂y), sharing one graph.
 
     Jᵀu is one VJP; Ju uses the double-VJP trick (``J u = ∂/∂z ⟨Jᵀz, u⟩``), which works for every op with a
-    double backward, unlike forward-mode AD.
+    double backward, unlike forward-mode AD. (The operator of the IFT front end, built lazily.)
     """
-    with torch.enable_grad():
-        z = torch.zeros_like(r, requires_grad=True)
-        (jtz,) = torch.autograd.grad(r, y, z, create_graph=True)
-
-    def vjp(u: Tensor) -> Tensor:
-        return torch.autograd.grad(r, y, u, retain_graph=True, create_graph=create_graph)[0]
-
-    def jvp(u: Tensor) -> Tensor:
-        return torch.autograd.grad(jtz, z, u, retain_graph=True, create_graph=create_graph)[0]
-
-    return jvp, vjp
+    op = AdjointOperator(r, y, 0.0, symmetric=False, create_graph=create_graph)
+    return op.rmatvec, op.matvec
 
 
-MINIMIZERS = {"newton": NewtonCG, "gd": GradientDescent, "lbfgs": LBFGS}
-ROOT_SOLVERS = {"newton": NewtonRoot, "fixed_point": FixedPoint}
+NewtonRoot = NewtonKrylov  # the former name, kept as an alias
+
+MINIMIZERS = {"newton_cg": NewtonCG, "gd": GradientDescent, "lbfgs": LBFGS}
+ROOT_SOLVERS = {"newton_krylov": NewtonKrylov, "fixed_point": FixedPoint}
+# "newton" named a different algorithm in each registry: kept as an alias of each registry's Newton.
+SOLVER_ALIASES = {"minimisation": {"newton": "newton_cg"}, "root": {"newton": "newton_krylov"}}
 
 
 def _make(solver, registry: dict, kind: str, method: str, tol: float | None):
     if solver is None:
-        solver = "newton"
+        solver = next(iter(registry))
     if isinstance(solver, str):
+        solver = SOLVER_ALIASES[kind].get(solver, solver)
         if solver not in registry:
             raise ValueError(
-                f"unknown {kind} solver {solver!r}; choose one of {sorted(registry)} "
+                f"unknown {kind} solver {solver!r}; choose one of {sorted(registry)} (alias 'newton') "
                 f"or pass a solver object / callable"
             )
         return registry[solver](tol=tol)

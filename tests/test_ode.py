@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from diffmpc import ConvergenceWarning, odeint
+from diffmpc import ConvergenceWarning, odeint, record_backward
 from diffmpc.solvers import FixedPoint
 
 D64 = torch.float64
@@ -130,11 +130,17 @@ def test_fused_backward_equals_chained_root_layers(backward):
     for name, extra in (("layers", {"step_layers": True}), ("fused", {}), ("warm", {"warm_start": True})):
         ys, info = odeint(f, y0, t, backward=backward, solver="newton", return_info=True,
                           options={**TIGHT, "step_size": 0.1, **extra})
-        grads[name] = torch.autograd.grad((w * ys).sum(), targets)
-        assert info.n_steps == 7 and all(s.backward is not None and bool(s.backward.converged.all())
-                                         for s in info.steps)
+        with record_backward() as records:
+            grads[name] = torch.autograd.grad((w * ys).sum(), targets)
+        solves = [s for r in records for s in r.solves]
+        assert info.n_steps == 7 and len(solves) == 7 and all(bool(s.converged.all()) for s in solves)
+        if name == "layers":  # one record per step's root layer, tied to that step's forward info
+            assert sorted(r.call_id for r in records) == sorted(s.call_id for s in info.steps)
+            assert all(r.layer == "root" for r in records)
+        else:  # one record for the fused node, one solve per step
+            assert [(r.layer, r.call_id) for r in records] == [("odeint", info.call_id)]
         if backward == "cg":  # normal-equation CG on a 3×3 system: exact termination in ≤ 3 (+1) steps
-            assert all(int(s.backward.iterations.max()) <= 4 for s in info.steps)
+            assert all(s.method == "normal_cg" and int(s.iterations.max()) <= 4 for s in solves)
     for name in ("fused", "warm"):
         for a, b in zip(grads[name], grads["layers"], strict=True):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
@@ -254,8 +260,9 @@ def test_float32_cg_matches_dense_and_backward_info():
         out = {}
         for bw in ("cg", "dense"):
             ys, info = odeint(f, y0, t, backward=bw, return_info=True)
-            out[bw] = torch.autograd.grad(ys.pow(2).mean(), list(f.parameters()))
-            assert info.backward_iterations > 0
+            with record_backward() as records:
+                out[bw] = torch.autograd.grad(ys.pow(2).mean(), list(f.parameters()))
+            assert records[0].call_id == info.call_id and records[0].iterations > 0 and records[0].converged
     for a, b in zip(out["cg"], out["dense"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
