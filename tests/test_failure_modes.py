@@ -405,7 +405,7 @@ def test_solver_configs_are_validated():
 
     with pytest.raises(BadArgumentError, match=r"NewtonCG.max_iter must be an integer >= 1, got -1"):
         solvers.NewtonCG(max_iter=-1)
-    with pytest.raises(BadArgumentError, match=r"NewtonRoot.tol must be a finite number, got nan"):
+    with pytest.raises(BadArgumentError, match=r"NewtonKrylov.tol must be a finite number, got nan"):
         solvers.NewtonRoot(tol=float("nan"))
     with pytest.raises(BadArgumentError, match=r"GradientDescent.lr must be > 0"):
         solvers.GradientDescent(lr=0.0)
