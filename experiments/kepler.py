@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from diffmpc import root
+from diffmpc._checks import check_int, check_real
 
 
 def kepler_residual(E: torch.Tensor, e: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,15 @@ class KeplerConfig:
     lr: float = 0.5
     grid: int = 60
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # eccentricities of an ellipse lie in (0, 1): the sigmoid parametrisation needs init_e strictly inside
+        check_real("--true-e", self.true_e, 0.0, maximum=0.999999)
+        check_real("--init-e", self.init_e, 0.0, strict=True, maximum=0.999999)
+        check_int("--steps", self.steps, 1)
+        check_int("--grid", self.grid, 2)
+        check_int("n_anomalies", self.n_anomalies, 1)
+        check_real("lr", self.lr, 0.0, strict=True)
 
 
 def run(cfg: KeplerConfig, out: Path | None = None) -> dict:

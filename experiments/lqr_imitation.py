@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmpc._checks import check_choice, check_fields, check_real
 from diffmpc.lqr import LQRError, dare, dlqr, is_stabilizable
 from diffmpc.sweep import RunContext, SweepResult, Task, add_sweep_arguments, report, run_sweep
 from envs.mass_spring_damper import X0, msd_cost_matrices, msd_matrices
@@ -57,6 +58,14 @@ class ImitationConfig:
     eval_every: int = 10
     seed: int = 0
     x0: tuple[float, ...] = field(default=X0)
+
+    def __post_init__(self) -> None:
+        for d in self.dampings:
+            check_real("--damping", d)
+        check_fields(self, ints=("iterations", "inits", "horizon", "trajectory", "eval_every"),
+                     positive=("lr",), nonneg=("init_noise",))
+        for m in self.modes:
+            check_choice("--modes", m, tuple(MODE_LABELS))
 
 
 def expert_data(damping: float) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffmpc.errors import BadArgumentError, BadFileError
+
 if TYPE_CHECKING:
     import torch
 
@@ -359,9 +361,18 @@ def render_run(
 ) -> list[Path]:
     """Fig. 3: one start (the ``index``-th test start) rolled out by expert, BC and MPC_IFT of a run;
     writes ``fig3.mp4``, ``fig3.gif`` and ``trajectories.png`` under ``out``."""
-    from agents.evaluation import plot_trajectories, render_comparison, rollout, start_states
+    from agents.evaluation import EVAL_EPISODES, plot_trajectories, render_comparison, rollout, start_states
+    from diffmpc._checks import check_int
 
+    check_int("--index", index, 0)
+    if index >= EVAL_EPISODES:
+        raise BadArgumentError(f"--index {index} is out of range: there are {EVAL_EPISODES} test starts "
+                               f"(0 … {EVAL_EPISODES - 1})")
     run_dir, out = Path(run_dir), Path(out)
+    missing = [d for d in ("ifo", "bc") if not (run_dir / d).is_dir()]
+    if missing:
+        raise BadFileError(f"--run {run_dir} lacks {missing}: pass a run directory made by `diffmpc table2` "
+                           "or `diffmpc demo` (it holds ifo/ and bc/)")
     out.mkdir(parents=True, exist_ok=True)
     x0 = start_states(variance)[index : index + 1]
     rolls = {}
@@ -394,8 +405,15 @@ def run_pipeline(
     command: str = "diffmpc table2",
 ) -> dict[str, Any]:
     """The whole Table 2 / Fig. 3 pipeline (see the module docstring); returns the aggregated results."""
+    from diffmpc._checks import check_int
     from diffmpc.io import write_results
 
+    check_int("--runs", runs, 1)
+    check_int("--episodes", episodes, 1)
+    check_int("--jobs", jobs, 1)
+    _variances(variances)
+    if dataset is not None:
+        _pairs(dataset)  # a bad --dataset fails now, not after minutes of work
     out = Path(out)
     t0 = time.perf_counter()
     if dataset is None:
@@ -471,8 +489,6 @@ def _cmd_train(args: Any) -> int:
               f"{s['policy_loss_final']:.4g} in {s['elapsed_s']:.0f} s -> {args.out}")
     else:
         if not args.dynamics:
-            from diffmpc.errors import BadArgumentError
-
             raise BadArgumentError(
                 "train bc needs --dynamics IFO_DIR (the learned model BC maps its controls through)"
             )

@@ -505,3 +505,31 @@ def test_env_reset_state_and_diverging_step():
     with pytest.raises(ValueError, match="state diverged: a step from"):
         for _ in range(10):
             msd.step(np.array([0.0]))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("argv, match", [
+    (["kepler", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["kepler", "--init-e", "0"], "--init-e must be > 0.0, got 0.0"),
+    (["table2", "--runs", "0"], "--runs must be an integer >= 1, got 0"),
+    (["lqr-imitation", "--damping", "nan"], "--damping must be a finite number, got nan"),
+    (["render", "--run", "RUN", "--index", "99"], r"--index 99 is out of range: there are 50 test starts"),
+    (["render", "--run", "RUN"], r"lacks \['ifo', 'bc'\]"),
+    (["expert", "--episodes", "0"], "--episodes must be an integer >= 1, got 0"),
+    (["expert", "--env", "diffmpc/MassSpringDamper-v0"], "cannot plan for it"),
+    (["dataset", "--episodes", "0"], "--episodes must be an integer >= 1, got 0"),
+    (["evaluate", "--policy", "expert", "--out", "/dev/null/x"], r"--out /dev/null/x is not writable"),
+])
+def test_cli_rejects_bad_numbers_before_work_with_one_line(tmp_path, capsys, argv, match):
+    import re
+
+    from diffmpc.cli import main
+
+    argv = [a.replace("RUN", str(tmp_path / "no-run")) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code in (1, 2)
+    assert re.search(match, err), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
