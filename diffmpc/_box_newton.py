@@ -103,7 +103,7 @@ class BoxNewton:
     step_tol: float = 1e-8
     max_iter: int = 100
     armijo: float = 1e-4
-    active_eps: float = 1e-3
+    active_eps: float = 0.0
 
     def minimize(self, derivatives: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
                  evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], u0: Tensor, lo: Tensor,
@@ -140,9 +140,11 @@ class BoxNewton:
             ga, hess = derivatives(ua, state[rows], rows)
             g[rows] = ga
             kkt_a = kkt_residual(ua, ga, la, ha_)
-            # ε-active set (Bertsekas): on (or within ε of) a bound with the gradient pushing outward. These
-            # controls are fixed on the bound; only the free block's curvature is modified (an indefinite
-            # Hessian on the active block does not matter at a constrained minimum).
+            # Clamped set: on a bound (within ε = min(active_eps, KKT); default: exactly on it) with the
+            # gradient pushing outward. These controls are fixed on the bound; only the free block's curvature
+            # is modified (an indefinite Hessian on the clamped block does not matter at a constrained
+            # minimum). A positive ε (Bertsekas' ε-active set) snaps near-bound controls early, which stalls
+            # when such a control is in fact free at the optimum; the box QP clamps controls exactly instead.
             eps_k = torch.minimum(kkt_a, torch.full_like(kkt_a, self.active_eps)).unsqueeze(1)
             at_lo, at_hi = (ua - la <= eps_k) & (ga > 0), (ha_ - ua <= eps_k) & (ga < 0)
             fixed = at_lo | at_hi
@@ -183,7 +185,12 @@ class BoxNewton:
             first = ok.to(torch.int8).argmax(1)
             idx = torch.arange(b, device=dev)
             pick = idx * K + first
-            u[rows] = torch.where(take.unsqueeze(1), cand[idx, first], ua)
+            new = torch.where(take.unsqueeze(1), cand[idx, first], ua)
+            # u + (b − u) may miss the bound b by an ulp: put controls that the box QP clamped exactly on it
+            tiny = 8 * eps
+            near_lo = torch.isfinite(la) & ((new - la).abs() <= tiny * la.abs().clamp_min(1.0))
+            near_hi = torch.isfinite(ha_) & ((ha_ - new).abs() <= tiny * ha_.abs().clamp_min(1.0))
+            u[rows] = torch.where(near_lo, la, torch.where(near_hi, ha_, new))
             J[rows] = torch.where(take, Jc[idx, first], J0)
             keep = take.view(-1, *([1] * (state.ndim - 1)))
             state[rows] = torch.where(keep, states[pick], state[rows])
