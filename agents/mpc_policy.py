@@ -126,6 +126,8 @@ class SamplingPlanner:
         if not bool(torch.isfinite(x0).all()):
             raise ValueError(f"observation must be finite, got {x0.tolist()}")
         low, high = self.low.to(x0), self.high.to(x0)
+        if x0.shape[0] == 0:  # empty batch: an empty plan, as torch ops do for empty tensors
+            return x0.new_zeros(0, self.horizon, low.shape[-1]), SamplingInfo(cost=x0.new_zeros(0))
         if x0.device != self.generator.device:
             raise ValueError("SamplingPlanner samples on the CPU; pass CPU observations")
         if self.sampler == "rs":

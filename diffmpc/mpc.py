@@ -532,7 +532,7 @@ class MPC(nn.Module):
         xb = x0.unsqueeze(0) if unbatched else x0
         B, H, m = xb.shape[0], s.horizon, s.action_dim
         if B == 0:
-            raise ValueError("x0 has an empty batch (B = 0); pass at least one state")
+            return self._empty_plan(xb, H, m)
         if not bool(torch.isfinite(xb).all()):
             raise ValueError("x0 contains NaN or inf")
         self._check_model(xb.detach())
@@ -553,6 +553,20 @@ class MPC(nn.Module):
         u, info = (self._forward_box if self.uses_box_newton else self._forward_tanh)(
             xb, x_det, u_start, sample_cost, low, high)
         return (u[0] if unbatched else u), info
+
+    def _empty_plan(self, xb: Tensor, H: int, m: int) -> tuple[Tensor, MPCInfo]:
+        """B = 0: the empty ``(0, H, m)`` plan, connected to x0 and the parameters so that its backward runs
+        (zero gradients of the right shapes, as torch ops do for empty tensors), with an empty info."""
+        u = xb.new_zeros(0, H, m)
+        for t in [xb, *self.parameters_for_gradient()]:
+            if t.requires_grad:
+                u = u + 0 * t.sum()
+        e = xb.new_zeros(0).detach()
+        no = torch.zeros(0, dtype=torch.bool, device=xb.device)
+        iters = torch.zeros(0, dtype=torch.long, device=xb.device)
+        tol = self.settings.tol if self.settings.tol is not None else default_tol(xb.dtype)
+        implicit = ImplicitInfo(e, iters, no, tol)
+        return u, MPCInfo(e, e, e, no, iters, implicit, tol, active=no.reshape(0, H, m), step=e)
 
     def _forward_box(self, xb, x_det, u_start, sample_cost, low, high) -> tuple[Tensor, MPCInfo]:
         s = self.settings

@@ -533,3 +533,27 @@ def test_cli_rejects_bad_numbers_before_work_with_one_line(tmp_path, capsys, arg
     assert code in (1, 2)
     assert re.search(match, err), err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_mpc_and_mpc_policy_empty_batch():
+    import numpy as np
+
+    from agents.expert import sampling_expert
+    from agents.mpc_policy import MPCPolicy
+    from diffmpc.mpc import MPC
+
+    W = torch.tensor(0.5, dtype=F64, requires_grad=True)
+
+    def dyn(x, u):
+        return x + 0.1 * W * torch.cat([x[..., 1:2], u], -1)
+
+    def cost(x, u):
+        return (x**2).sum(-1) + 0.1 * (u**2).sum(-1)
+
+    x = torch.zeros(0, 2, dtype=F64, requires_grad=True)
+    u, info = MPC(dyn, cost, 5, -1.0, 1.0, action_dim=1, params=[W])(x)
+    gx, gW = torch.autograd.grad(u.sum(), [x, W])
+    assert u.shape == (0, 5, 1) and gx.shape == (0, 2) and gW.shape == () and info.converged_fraction == 1.0
+    pol = MPCPolicy(dynamics=dyn, cost=cost, horizon=4, u_low=-1.0, u_high=1.0, dtype=F64, action_dim=1)
+    assert pol.act(np.zeros((0, 2))).shape == (0, 1)
+    assert sampling_expert().act(np.zeros((0, 4))).shape == (0, 1)
