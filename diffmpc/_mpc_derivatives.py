@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+ONE_PASS_MAX_ROWS = 512  # replicated rows up to which one graph for all second derivatives was faster (CPU)
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x (P, n), u (P, m)) -> (x_next (P, n), ℓ (P,))
 
 
@@ -60,8 +61,12 @@ def structured_derivatives(step: Step, terminal: Callable[[Tensor], Tensor] | No
         xn, c = step(xu[:, :n], xu[:, n:])
         return torch.cat([xn, c.unsqueeze(-1)], -1)
 
+    # Small problems (op overhead dominates): first and second derivatives of all n + 1 outputs from one
+    # replicated graph. Large batches (arithmetic dominates): the Jacobian, then only the λ-weighted
+    # Lagrangian Hessian (n + m instead of (n + 1)(n + m) replicas).
+    one_pass = hessian and B * H * (n + 1) * (n + m) <= ONE_PASS_MAX_ROWS
     with torch.enable_grad():
-        if hessian:  # first and second derivatives of all n + 1 outputs from one batched graph
+        if one_pass:
             jac, second = _point_second_derivatives(step_out, XU, n + 1)
         else:
             jac, second = _point_jacobian(step_out, XU, n + 1), None
@@ -85,8 +90,19 @@ def structured_derivatives(step: Step, terminal: Callable[[Tensor], Tensor] | No
         return grad, None
 
     # Hessian of the stage Lagrangian ℓ + λ_{t+1}ᵀ f at every point: (B, H, n + m, n + m)
-    second = second.reshape(n + 1, B, H, n + m, n + m)
-    L = second[n] + torch.einsum("bti,ibtjk->btjk", lam_next, second[:n])
+    if one_pass:
+        second = second.reshape(n + 1, B, H, n + m, n + m)
+        L = second[n] + torch.einsum("bti,ibtjk->btjk", lam_next, second[:n])
+    else:
+        lam_rep = lam_next.reshape(B * H, n).repeat(n + m, 1)
+
+        def lagrangian(xu: Tensor) -> Tensor:  # per point ℓ + λ_{t+1}ᵀ f (on the replicated points)
+            xn, c = step(xu[:, :n], xu[:, n:])
+            return c + (lam_rep * xn).sum(-1)
+
+        with torch.enable_grad():
+            L, _ = _point_hessian(lagrangian, XU)
+        L = L.reshape(B, H, n + m, n + m)
 
     # Z_t = [S_t; E_t]: (B, H, n + m, D)
     eye = torch.eye(D, dtype=u.dtype, device=u.device).reshape(H, m, D)

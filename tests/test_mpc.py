@@ -455,7 +455,11 @@ def _structured_cases():
                                 cost=envs.cartpole_cost), 4, 1
 
 
-def test_structured_derivatives_equal_autograd_double_backward():
+@pytest.mark.parametrize("one_pass_rows", [10**9, 0])  # one replicated graph, or Jacobian + Lagrangian
+def test_structured_derivatives_equal_autograd_double_backward(one_pass_rows, monkeypatch):
+    import diffmpc._mpc_derivatives as md
+
+    monkeypatch.setattr(md, "ONE_PASS_MAX_ROWS", one_pass_rows)
     g = torch.Generator().manual_seed(0)
     for name, kw, n, m in _structured_cases():
         H = 5
