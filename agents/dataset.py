@@ -135,6 +135,10 @@ def load_dataset(path: str | os.PathLike, expect: dict[str, Any] | None = None) 
                                f"steps={t}, state_dim={sd}, action_dim={ad}) says {want}")
     if _sha256(states) != meta.get("states_sha256"):
         raise DatasetError(f"{path}: the states do not match their stored SHA-256 (corrupt file)")
+    if not np.all(np.isfinite(states)):  # a matching hash says the file is as written, not that it is sane
+        bad = np.argwhere(~np.isfinite(states))[0].tolist()
+        raise DatasetError(f"{path}: the states contain NaN or inf (first at episode {bad[0]}, step "
+                           f"{bad[1]}); regenerate the dataset")
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise DatasetError(f"{path}: metadata {key}={meta.get(key)!r} but {want!r} was expected "

@@ -363,7 +363,8 @@ class IfOTrainer:
 
     def dynamics_steps(self, steps: int, lr: float | None = None) -> float:
         """``steps`` Adam steps on the one-step regression loss (normalised increments); last loss."""
-        assert self.buffer is not None
+        if self.buffer is None:
+            raise RuntimeError("dynamics_steps needs simulator data: call query() (or warmup()) first")
         x, u, xn = self.buffer
         dyn = self.dynamics
         dyn.requires_grad_(True)

@@ -557,3 +557,43 @@ def test_mpc_and_mpc_policy_empty_batch():
     pol = MPCPolicy(dynamics=dyn, cost=cost, horizon=4, u_low=-1.0, u_high=1.0, dtype=F64, action_dim=1)
     assert pol.act(np.zeros((0, 2))).shape == (0, 1)
     assert sampling_expert().act(np.zeros((0, 4))).shape == (0, 1)
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def test_dataset_with_nan_states_is_refused_even_with_a_matching_hash(tmp_path):
+    from dataclasses import replace
+
+    from agents.dataset import DatasetError, load_dataset, save_dataset
+
+    data = load_dataset(DATASET)
+    states = data.states.copy()
+    states[3, 7, 1] = float("nan")
+    path = save_dataset(tmp_path / "nan.npz", replace(data, states=states))  # the stored SHA-256 matches
+    with pytest.raises(DatasetError, match=r"nan.npz: the states contain NaN or inf \(first at episode 3, step 7\)"):
+        load_dataset(path)
+
+
+def test_dataset_resume_with_other_episodes_is_refused(tmp_path, monkeypatch):
+    from agents import dataset as ds
+    from agents.dataset import DatasetError, generate_dataset, load_dataset
+
+    target = tmp_path / "d.npz"
+    calls = [0]
+    original = ds.run_episode
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    # a cheap expert on the mass-spring-damper: zero control
+    kwargs = dict(env_id="diffmpc/MassSpringDamper-v0", expert=lambda obs: [0.0], progress=False, max_steps=5)
+    monkeypatch.setattr(ds, "run_episode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(target, episodes=8, **kwargs)
+    monkeypatch.setattr(ds, "run_episode", original)
+    with pytest.raises(DatasetError, match=r"interrupted run of 8 episodes \(2 done\), not episodes=2"):
+        generate_dataset(target, episodes=2, **kwargs)  # used to write the 2 done (or 7) episodes
+    assert generate_dataset(target, episodes=8, **kwargs).episodes == 8  # same settings: resumes
+    assert load_dataset(target).episodes == 8
