@@ -569,7 +569,8 @@ def test_dataset_with_nan_states_is_refused_even_with_a_matching_hash(tmp_path):
     states = data.states.copy()
     states[3, 7, 1] = float("nan")
     path = save_dataset(tmp_path / "nan.npz", replace(data, states=states))  # the stored SHA-256 matches
-    with pytest.raises(DatasetError, match=r"nan.npz: the states contain NaN or inf \(first at episode 3, step 7\)"):
+    want = r"nan.npz: the states contain NaN or inf \(first at episode 3, step 7\)"
+    with pytest.raises(DatasetError, match=want):
         load_dataset(path)
 
 
