@@ -44,9 +44,12 @@ class BCConfig:
     batch: int = 256
     lr: float = 3e-3
     checkpoint_every: int = 500
+    # k > 1: the loss rolls the policy k steps through the learned model from an expert state and compares
+    # with the expert's next k states (needs the trajectories); 1 is the paper's one-step loss.
+    rollout_steps: int = 1
 
     def __post_init__(self) -> None:
-        check_fields(self, ints=("steps", "batch", "checkpoint_every"), positive=("lr",))
+        check_fields(self, ints=("steps", "batch", "checkpoint_every", "rollout_steps"), positive=("lr",))
         if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
             raise BadArgumentError(f"BCConfig.hidden must be layer widths >= 1, got {self.hidden!r}")
 
@@ -109,6 +112,7 @@ class BCTrainer:
         out: str | Path | None = None,
         task: Task | None = None,
         provenance: dict[str, Any] | None = None,
+        trajectories: Any = None,
     ) -> None:
         self.config = config or BCConfig()
         self.task = task = task or CARTPOLE
@@ -121,6 +125,17 @@ class BCTrainer:
         if self.x.shape != self.x_next.shape:
             raise ValueError(f"expert pairs must have equal shapes, got {tuple(self.x.shape)} and "
                              f"{tuple(self.x_next.shape)}")
+        self.trajectories = None
+        if self.config.rollout_steps > 1:
+            if trajectories is None:
+                raise BadArgumentError(f"BCConfig.rollout_steps={self.config.rollout_steps} needs the expert "
+                                       "trajectories (N, T+1, n): pass trajectories=dataset.states")
+            traj = torch.as_tensor(np.asarray(trajectories), dtype=p.dtype)
+            k = self.config.rollout_steps
+            if traj.ndim != 3 or traj.shape[2] != task.state_dim or traj.shape[1] <= k:
+                raise BadArgumentError(f"trajectories must be (N, T+1, {task.state_dim}) with T >= "
+                                       f"rollout_steps={self.config.rollout_steps}, got {tuple(traj.shape)}")
+            self.trajectories = traj
         self.dynamics = dynamics.requires_grad_(False)
         self.seed = seed
         self.out = None if out is None else Path(out)
@@ -170,6 +185,24 @@ class BCTrainer:
         self.step, self.history, self.elapsed = s["step"], list(s["history"]), float(s["elapsed"])
         return True
 
+    def _loss(self, scale: Tensor) -> Tensor:
+        c = self.config
+        if self.trajectories is None:  # the paper's one-step loss on expert pairs
+            b = torch.randint(0, self.x.shape[0], (c.batch,), generator=self.generator)
+            x, xn = self.x[b], self.x_next[b]
+            return normalized_error(self.dynamics(x, self.policy(x)), xn, scale).mean()
+        # k-step rollout loss: roll π through the learned model from expert states x_t, compare x̂_{t+j}
+        traj, k = self.trajectories, c.rollout_steps
+        n, t1 = traj.shape[0], traj.shape[1]
+        i = torch.randint(0, n, (c.batch,), generator=self.generator)
+        t = torch.randint(0, t1 - k, (c.batch,), generator=self.generator)
+        x = traj[i, t]
+        total = x.new_zeros(())
+        for j in range(1, k + 1):
+            x = self.dynamics(x, self.policy(x))
+            total = total + normalized_error(x, traj[i, t + j], scale).mean()
+        return total / k
+
     def run(
         self, progress: bool = True, resume: bool = False, stop_after: int | None = None
     ) -> dict[str, Any]:
@@ -192,9 +225,7 @@ class BCTrainer:
                 lr = c.lr * 0.5 * (1 + math.cos(math.pi * self.step / c.steps))
                 for group in self.opt.param_groups:
                     group["lr"] = lr
-                b = torch.randint(0, self.x.shape[0], (c.batch,), generator=self.generator)
-                x, xn = self.x[b], self.x_next[b]
-                loss = normalized_error(self.dynamics(x, self.policy(x)), xn, scale).mean()
+                loss = self._loss(scale)
                 self.opt.zero_grad()
                 loss.backward()
                 self.opt.step()

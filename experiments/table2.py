@@ -130,12 +130,20 @@ def train_bc(
     resume: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    rollout_steps: int | None = None,
+    hidden: tuple[int, ...] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``.
 
-    The checkpoint records the dataset's SHA-256 and the learned dynamics' identity; resuming with another
-    dataset or another ``dynamics`` is refused, naming what differs."""
+    ``rollout_steps``, ``hidden`` and ``steps`` override the preset (``rollout_steps`` > 1: the multi-step
+    rollout loss on the dataset's trajectories). The checkpoint records the dataset's SHA-256 and the
+    learned dynamics' identity; resuming with another dataset or another ``dynamics`` is refused, naming
+    what differs."""
+    from dataclasses import replace
+
     from agents.bc import BC_PRESETS, BCTrainer
+    from agents.dataset import load_dataset
     from agents.ifo import load_ifo_checkpoint
     from diffmpc.io import refuse_overwrite, write_results
 
@@ -143,8 +151,11 @@ def train_bc(
     x, xn, meta = _pairs(dataset)
     dyn, _, _, task = load_ifo_checkpoint(_checkpoint(dynamics, "ifo_checkpoint.pt"))
     provenance = dict(dataset_identity(dataset), dynamics_sha256=dynamics_identity(dyn))
-    trainer = BCTrainer(x, xn, dyn, BC_PRESETS[preset], seed=seed, out=Path(out), task=task,
-                        provenance=provenance)
+    overrides = {"rollout_steps": rollout_steps, "hidden": hidden, "steps": steps}
+    cfg = replace(BC_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    traj = load_dataset(dataset).states if cfg.rollout_steps > 1 else None
+    trainer = BCTrainer(x, xn, dyn, cfg, seed=seed, out=Path(out), task=task, provenance=provenance,
+                        trajectories=traj)
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train bc",
@@ -494,7 +505,7 @@ def _cmd_train(args: Any) -> int:
             )
         s = train_bc(
             args.dataset, args.out, args.dynamics, args.preset, args.seed, args.resume, not args.no_progress,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, rollout_steps=args.rollout_steps, hidden=args.hidden, steps=args.steps,
         )
         print(
             f"BC: {s['steps']} steps in {s['elapsed_s']:.0f} s, final loss {s['loss_final']:.4g} "
@@ -589,6 +600,11 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint under --out")
     t.add_argument("--overwrite", action="store_true", help="discard a checkpoint under --out, start afresh")
+    t.add_argument("--rollout-steps", type=int, default=None,
+                   help="bc: k-step rollout loss through the learned model (default: the preset's, 1)")
+    t.add_argument("--hidden", type=lambda v: tuple(_int_list(v)), default=None, metavar="W,W",
+                   help="bc: hidden layer widths (default: the preset's)")
+    t.add_argument("--steps", type=int, default=None, help="bc: Adam steps (default: the preset's)")
     t.add_argument("--angle-dims", type=_int_list, default=None, metavar="I,J",
                    help="state dimensions that are angles (default: 2 for the cart-pole, none otherwise; "
                         "'' for none)")
