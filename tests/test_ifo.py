@@ -302,10 +302,16 @@ def test_cli_train_evaluate_render(pairs, tmp_path):
                 "--preset",
                 "tiny",
                 "--no-progress",
+                "--rollout-steps",
+                "3",
+                "--hidden",
+                "8,8",
             ]
         )
         == 0
     )
+    bc_res = json.loads((bc / "results.json").read_text())
+    assert bc_res["config"]["rollout_steps"] == 3 and bc_res["config"]["hidden"] == [8, 8]
     dyn, cost, cfg = load_ifo_models(ifo / "ifo_checkpoint.pt")
     assert cfg == TINY
     out = tmp_path / "eval"
