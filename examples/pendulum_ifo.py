@@ -28,7 +28,7 @@ import torch
 
 from agents import MPCPolicy
 from agents.bc import BC_PRESETS, BCOConfig, BCOTrainer, BCTrainer
-from agents.dataset import generate_dataset
+from agents.dataset import generate_dataset, load_dataset
 from agents.evaluation import evaluate_in_env, mpc_policy, record_side_by_side
 from agents.ifo import IfOConfig, IfOTrainer
 from agents.task import Task
@@ -85,8 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
                        refine=False, sampler="cem", n_samples=n_samples, cem_iterations=4, seed=args.seed)
     episodes = 2 if args.smoke else args.episodes
     t0 = time.perf_counter()
-    data = generate_dataset(out / "expert_pendulum.npz", episodes=episodes, seed=args.seed, expert=expert,
-                            env=env, progress=not args.smoke)
+    path = out / "expert_pendulum.npz"
+    if path.is_file():  # reuse the expert data of an earlier run (delete the file to regenerate it)
+        data = load_dataset(path, expect={"env_id": ENV_ID, "episodes": episodes, "seed": args.seed})
+    else:
+        data = generate_dataset(path, episodes=episodes, seed=args.seed, expert=expert, env=env,
+                                progress=not args.smoke)
     t_data = time.perf_counter() - t0
     x, x_next = data.transitions()
     print(f"expert data: {data.episodes} episodes, {len(x)} state pairs, mean return "
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mpc_ift_beats_bc": bool(ift_ret > evaluation["BC"]["mean_return"]),
         "ifo_converged_fraction": ifo_summary["converged_fraction"],
         "ifo_mpc_solves": ifo_summary["mpc_solves"], "ifo_mpc_unconverged": ifo_summary["mpc_unconverged"],
+        "dataset_reused": t_data < 5,
         "time_s": {"dataset": t_data, "ifo": ifo_summary["elapsed_s"], "bc": bc_summary["elapsed_s"],
                    "bco": bco_summary["elapsed_s"], "total": time.perf_counter() - t_start},
         "threads": torch.get_num_threads(),
