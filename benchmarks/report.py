@@ -58,7 +58,8 @@ def read_ode(d: dict[str, Any]) -> str:
     out.append("Non-converged backward-Euler steps in panel a: " + (", ".join(bad_a) or "none") + ".")
     b = [r for r in rows if r["panel"] == "b"]
     for mu in sorted({r["mu"] for r in b}):
-        at = [r for r in b if r["mu"] == mu]
+        skipped = [r for r in b if r["mu"] == mu and "skipped" in r]
+        at = [r for r in b if r["mu"] == mu and "skipped" not in r]
         invalid = [r for r in at if not r.get("gradient_valid", True)]
         valid = [r for r in at if r.get("gradient_valid", True) and not math.isnan(r["total_ms"])]
         best = min(valid, key=lambda r: r["total_ms"]) if valid else None
@@ -70,6 +71,8 @@ def read_ode(d: dict[str, Any]) -> str:
                 f"{r['method']} ({r.get('steps_not_converged', 'DOPRI5 failed')}, max ‖F‖ "
                 f"{r.get('max_step_residual', float('nan')):.2g})" if "steps_not_converged" in r
                 else f"{r['method']} (failed)" for r in invalid)
+        if skipped:
+            s += "; not measured: " + ", ".join(f"{r['method']} ({r['skipped']})" for r in skipped)
         out.append(s + ".")
     c = [r for r in rows if r["panel"] == "c"]
     if c:

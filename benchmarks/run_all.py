@@ -47,7 +47,7 @@ ANCHORS: dict[str, list[tuple[str, str, str, str]]] = {
     "dare_backward": [("scipy.linalg.solve_discrete_are", "self", "scipy", "pip install scipy")],
     "ode_backward": [("torchdiffeq (DOPRI5 adjoint)", "self", "torchdiffeq", "pip install -e '.[dev]'")],
     "mpc_layer": [("mpc.pytorch in .venv-bench", "bench", "mpc", "make bench-venv")],
-    "mpc_casadi": [("CasADi / IPOPT", "self", "casadi", "pip install casadi")],
+    "mpc_casadi": [("CasADi / IPOPT", "self", "casadi", "pip install -e '.[casadi]'")],
 }
 
 
