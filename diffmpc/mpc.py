@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from ._box_newton import BoxNewton
+from ._impl.linesearch import armijo, round_off_slack
 from ._mpc_derivatives import autograd_derivatives, rollout, structured_derivatives
 from .implicit import ARGMIN_BACKWARDS, ConvergenceError, ConvergenceWarning, ImplicitInfo, argmin
 from .sampling import cem, random_shooting, shift_plan
@@ -187,19 +188,11 @@ class DenseNewton:
             d = torch.where(bad.unsqueeze(1), -gflat, d)
             slope = torch.where(bad, -(gnorm**2), slope)
             f0 = fval.detach()
-            alpha = torch.ones_like(f0)
-            ok = ~active
-            slack = 16 * torch.finfo(f0.dtype).eps * f0.abs().clamp_min(1.0)
             yd = y.detach()
             dd = d.reshape(y.shape)
-            with torch.no_grad():
-                for _ in range(self.max_backtracks):
-                    ftry = fun(yd + alpha.view(-1, *([1] * (y.ndim - 1))) * dd)
-                    ok = ok | (torch.isfinite(ftry) & (ftry <= f0 + self.armijo * alpha * slope + slack))
-                    if bool(ok.all()):
-                        break
-                    alpha = torch.where(ok, alpha, alpha * 0.5)
-            alpha = torch.where(ok & active, alpha, 0.0)
+            alpha = armijo(fun, yd, dd, f0, slope, active, c=self.armijo, slack=round_off_slack(f0),
+                           max_backtracks=self.max_backtracks)  # the shared line search (solvers.NewtonCG's)
+            alpha = torch.where(active, alpha, 0.0)
             y = (yd + alpha.view(-1, *([1] * (y.ndim - 1))) * dd).detach()
             iters = iters + active.long()
         return y.detach(), iters

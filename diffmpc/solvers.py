@@ -40,7 +40,7 @@ from ._impl.batch import col as _col
 from ._impl.batch import dot as _dot
 from ._impl.batch import norm as _norm
 from ._impl.ift import AdjointOperator
-from ._impl.linesearch import armijo
+from ._impl.linesearch import armijo, round_off_slack
 from ._impl.tolerances import stationarity_tol
 
 Objective = Callable[[Tensor], Tensor]
@@ -137,10 +137,7 @@ class NewtonCG:
                 d = torch.where(_col(bad, d), -g, d)
                 slope = torch.where(bad, -(gnorm**2), slope)
                 f0 = fval.detach()
-                # Near the optimum f changes by O(‖∇f‖²), below f's own round-off: allow that much slack so
-                # that full Newton steps are still taken there instead of backtracking to zero.
-                slack = 16 * torch.finfo(f0.dtype).eps * f0.abs().clamp_min(1.0)
-                alpha = armijo(fun, y, d, f0, slope, active, c=self.armijo, slack=slack,
+                alpha = armijo(fun, y, d, f0, slope, active, c=self.armijo, slack=round_off_slack(f0),
                                max_backtracks=self.max_backtracks)
             step = _col(torch.where(active, alpha, 0.0), d) * d
             y = y + step if differentiable else (y + step).detach()

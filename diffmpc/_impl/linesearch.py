@@ -10,6 +10,12 @@ from torch import Tensor
 from .batch import col
 
 
+def round_off_slack(f0: Tensor) -> Tensor:
+    """Near an optimum f changes by O(‖∇f‖²), below f's own round-off: a Newton method accepts that much
+    increase (16 eps·max(|f|, 1)) so that full steps are still taken there instead of backtracking to zero."""
+    return 16 * torch.finfo(f0.dtype).eps * f0.abs().clamp_min(1.0)
+
+
 def armijo(
     merit: Callable[[Tensor], Tensor],
     y: Tensor,
