@@ -12,8 +12,8 @@ box-QP form of Tassa et al.'s control-limited DDP):
 2. **Box QP.** ``d = argmin gᵀd + ½ dᵀ H_mod d`` s.t. ``lo − u ≤ d ≤ hi − u``, by projected Newton on the
    quadratic model: the free controls take the Newton step with the free block of H_mod, the clamped ones
    stay on their bound; a few inner iterations identify the active set.
-3. **Step lengths.** ``u + α d`` (feasible for α ∈ [0, 1]) for several α in *one batched evaluation*;
-   the largest α that satisfies Armijo's condition is taken per sample.
+3. **Step lengths.** ``P(u + α d)`` for ten α ∈ {4, 2, 1, …, 10⁻³} in *one batched evaluation*; among
+   those that satisfy Armijo's condition (along the projected path) the lowest J is taken per sample.
 
 Stopping test (per sample, in the units of u): the KKT residual ``‖u − P(u − ∇J)‖∞ ≤ tol`` (the projected
 gradient; ∇J on free controls, the wrong-signed part on clamped ones) **and** the Newton step of the box QP
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-ALPHAS = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01, 3e-3, 1e-3)
+# Step lengths tried at once along the projected path P(u + α d); α > 1 extrapolates (the box cuts it).
+ALPHAS = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01, 3e-3, 1e-3, 2.0, 4.0)
 
 
 def kkt_residual(u: Tensor, g: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -173,16 +174,17 @@ class BoxNewton:
             rows, ua, ga, d, J0 = rows[go], ua[go], ga[go], d[go], J[rows][go]
             la, ha_, mua, scale = la[go], ha_[go], mua[go], scale[go]
             b = rows.numel()
-            cand = ua.unsqueeze(1) + alphas.view(1, K, 1) * d.unsqueeze(1)  # (b, K, D), inside the box
+            cand = ua.unsqueeze(1) + alphas.view(1, K, 1) * d.unsqueeze(1)  # (b, K, D)
             cand = torch.minimum(torch.maximum(cand, la.unsqueeze(1)), ha_.unsqueeze(1))
             Jc, states = evaluate(cand.reshape(b * K, D), rows.repeat_interleave(K))
             Jc = Jc.reshape(b, K)
-            slope = (ga * d).sum(1)
+            slope = (ga.unsqueeze(1) * (cand - ua.unsqueeze(1))).sum(-1)  # (b, K), along the projected path
             slack = 16 * eps * J0.abs().clamp_min(1.0)
-            bound = (J0 + slack).unsqueeze(1) + self.armijo * alphas * slope.unsqueeze(1)
+            bound = (J0 + slack).unsqueeze(1) + self.armijo * slope
             ok = torch.isfinite(Jc) & (Jc <= bound)
             take = ok.any(1)
-            first = ok.to(torch.int8).argmax(1)
+            # the lowest J among the step lengths that pass Armijo's test (not just the longest one)
+            first = torch.where(ok, Jc, torch.full_like(Jc, float("inf"))).argmin(1)
             idx = torch.arange(b, device=dev)
             pick = idx * K + first
             new = torch.where(take.unsqueeze(1), cand[idx, first], ua)
@@ -194,7 +196,7 @@ class BoxNewton:
             J[rows] = torch.where(take, Jc[idx, first], J0)
             keep = take.view(-1, *([1] * (state.ndim - 1)))
             state[rows] = torch.where(keep, states[pick], state[rows])
-            full = take & (first == 0)
+            full = take & (alphas[first] >= 1)
             mu0 = 1e-4 * scale
             mua = torch.where(full, mua / 10, mua)
             mua = torch.where(full & (mua < 1e-3 * mu0), torch.zeros_like(mua), mua)

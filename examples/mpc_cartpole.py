@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--substeps", type=int, default=4,
                     help="RK4 substeps of the planner's model (the env integrates with 10; 4 is the expert's "
                          "planning model, 2.5x cheaper)")
+    ap.add_argument("--expert-batch", type=int, default=0, metavar="N",
+                    help="instead of the episode: solve N states of data/expert_cartpole_rs.npz in a batch "
+                         "(the IfO cost batch; CEM 100 x 4 like IfO) and report the converged "
+                         "fraction within --max-iter")
     args = ap.parse_args(argv)
+    if args.expert_batch:
+        return expert_batch(args, argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
 
@@ -98,6 +104,48 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(costs)} (KKT ≤ {args.tol:g}), iterations mean {res['mean_iterations']:.1f} max "
           f"{res['max_iterations']}, {res['seconds_per_action']:.3f} s/action wall, "
           f"{res['cpu_seconds_per_action']:.3f} s CPU -> {paths}")
+    return 0
+
+
+def expert_batch(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Converged fraction of one batched MPC solve over expert states (IfO's cost batch, true model)."""
+    from pathlib import Path
+
+    from agents.dataset import load_dataset
+    from diffmpc import MPC
+
+    torch.set_num_threads(args.threads)
+    data = load_dataset(Path(__file__).resolve().parents[1] / "data" / "expert_cartpole_rs.npz")
+    states = np.asarray(data.states).reshape(-1, 4)
+    rng = np.random.default_rng(args.seed)
+    pick = rng.choice(len(states), args.expert_batch, replace=False)
+    x0 = torch.as_tensor(states[pick], dtype=torch.float64)
+
+    def model(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return envs.cartpole_dynamics(x, u, substeps=args.substeps)
+
+    mpc = MPC(model, envs.cartpole_cost, args.horizon, -1.0, 1.0, sampler="cem", n_samples=100,
+              cem_iterations=4, max_iter=args.max_iter, tol=args.tol, seed=args.seed)
+    load_before = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", ConvergenceWarning)
+        _, info = mpc(x0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    it = info.forward_iterations
+    res = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "git_commit": _git_commit(), "threads": torch.get_num_threads(), "loadavg_before": load_before,
+           "loadavg_after": os.getloadavg(), "batch": args.expert_batch, "horizon": args.horizon,
+           "max_iter": args.max_iter, "tol": args.tol, "substeps": args.substeps,
+           "converged": int(info.converged.sum()), "converged_fraction": info.converged_fraction,
+           "iterations_mean": float(it.double().mean()), "iterations_max": int(it.max()),
+           "iterations_median": float(it.double().median()),
+           "max_kkt": float(info.stationarity_residual.max()),
+           "wall_s": wall, "cpu_s": cpu}
+    write_results(args.out, res)
+    print(f"{res['converged']}/{args.expert_batch} converged (KKT ≤ {args.tol:g}) within {args.max_iter} "
+          f"Newton iterations; iterations mean {res['iterations_mean']:.1f} median "
+          f"{res['iterations_median']:.0f} max {res['iterations_max']}; {cpu:.1f} s CPU, {wall:.1f} s wall")
     return 0
 
 
