@@ -598,3 +598,19 @@ def test_dataset_resume_with_other_episodes_is_refused(tmp_path, monkeypatch):
         generate_dataset(target, episodes=2, **kwargs)  # used to write the 2 done (or 7) episodes
     assert generate_dataset(target, episodes=8, **kwargs).episodes == 8  # same settings: resumes
     assert load_dataset(target).episodes == 8
+
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    ("agents.ifo:IfOConfig", {"cost_lr": 0.0}, r"IfOConfig.cost_lr must be > 0.0, got 0.0"),
+    ("agents.ifo:IfOConfig", {"sampler": "ilqr"}, r"IfOConfig.sampler must be one of"),
+    ("agents.bc:BCConfig", {"lr": float("nan")}, r"BCConfig.lr must be a finite number"),
+    ("agents.bc:BCConfig", {"steps": 0}, r"BCConfig.steps must be an integer >= 1, got 0"),
+    ("agents.expert:ExpertConfig", {"dt": 0.0}, r"ExpertConfig.dt must be > 0.0"),
+    ("agents.expert:ExpertConfig", {"cem_init_std": -1.0}, r"ExpertConfig.cem_init_std must be > 0.0"),
+])
+def test_agent_configs_validate_every_field(cls, kwargs, match):
+    import importlib
+
+    module, name = cls.split(":")
+    with pytest.raises(BadArgumentError, match=match):
+        getattr(importlib.import_module(module), name)(**kwargs)
