@@ -282,3 +282,18 @@ def test_no_private_helper_is_imported_across_public_modules():
                 offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names
                               if a.name.startswith("_") and a.name != "__version__"]
     assert offenders == []
+
+
+def test_record_backward_collects_from_other_threads_and_nests():
+    """Autograd may run a backward on another thread (CUDA): records are process-wide, not thread-local."""
+    import threading
+
+    A, b = spd(3, 11), torch.randn(3, dtype=DT, requires_grad=True)
+    y, info = argmin(quad, torch.zeros(3, dtype=DT), A, b, return_info=True)
+    with diffmpc.record_backward() as outer:
+        with diffmpc.record_backward() as inner:
+            worker = threading.Thread(target=lambda: y.sum().backward())
+            worker.start()
+            worker.join()
+    assert [r.call_id for r in outer] == [r.call_id for r in inner] == [info.call_id]
+    assert outer[0] is inner[0]  # the same immutable record, delivered to both blocks
