@@ -91,7 +91,7 @@ def anchor_worker(problem_path: str) -> None:
     from mpc import mpc as mpc_lib
 
     torch.set_num_threads(1)
-    problem = torch.load(problem_path)
+    problem = torch.load(problem_path, weights_only=True)
     mlp = _mlp(problem)
     x0 = problem["x0"]
     C = torch.diag(torch.cat([Q_DIAG, R_DIAG])).expand(H, BATCH, N + M, N + M)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         times.setdefault("diffmpc " + tag, []).append(t)
                         results["diffmpc " + tag] = {"u": u, "grads": grads}
             ask({"cmd": "dump", "path": str(opath)})
-            anchor = torch.load(opath)
+            anchor = torch.load(opath, weights_only=True)
         finally:
             if worker.poll() is None:
                 worker.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
