@@ -10,29 +10,14 @@ import warnings
 
 import pytest
 import torch
+from test_implicit import DT, quad, spd
+from test_implicit import kepler_residual as kepler
 from torch.autograd import gradcheck
 
 import diffmpc
 from diffmpc import CG, GMRES, MINRES, ConvergenceWarning, Dense, NormalCG, Unroll, argmin, dare, odeint, root
 from diffmpc._impl.linesearch import armijo
 from diffmpc.solvers import NewtonCG, NewtonKrylov, NewtonRoot, default_tol, make_minimizer, make_root_solver
-
-DT = torch.float64
-
-
-def spd(n: int, seed: int, batch: tuple[int, ...] = ()) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(*batch, n, n, generator=g, dtype=DT)
-    return M @ M.transpose(-1, -2) + n * torch.eye(n, dtype=DT)
-
-
-def quad(y, A, b):
-    return 0.5 * y @ A @ y - b @ y
-
-
-def kepler(E, e, M):
-    return E - e * torch.sin(E) - M
-
 
 # ------------------------------------------------------------------------------ strategy objects + aliases
 
