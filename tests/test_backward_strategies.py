@@ -282,3 +282,10 @@ def test_record_backward_collects_from_other_threads_and_nests():
             worker.join()
     assert [r.call_id for r in outer] == [r.call_id for r in inner] == [info.call_id]
     assert outer[0] is inner[0]  # the same immutable record, delivered to both blocks
+
+
+@pytest.mark.parametrize("method", diffmpc.linalg.METHODS)
+def test_linalg_empty_batch(method):
+    b = torch.zeros(0, 3, dtype=DT)
+    x, info = diffmpc.linalg.solve(method, lambda v: 2 * v, b, rmatvec=lambda v: 2 * v)
+    assert x.shape == (0, 3) and info.residual.shape == (0,) and info.converged.shape == (0,)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product of two ``(B, *S)`` batches -> ``(B,)``."""
-    return (a * b).reshape(a.shape[0], -1).sum(1)
+    return (a * b).reshape(a.shape[0], a[0].numel() if a.shape[0] else 0).sum(1)
 
 
 def norm(a: Tensor) -> Tensor:
@@ -26,7 +26,8 @@ def default_max_iter(b: Tensor, max_iter: int | None) -> int:
     round-off, at least 10 and at most 1000 (huge D)."""
     if max_iter is not None:
         return int(max_iter)
-    return max(10, min(2 * b[0].numel(), 1000))
+    per_sample = b[0].numel() if b.shape[0] else 0  # an empty batch (B = 0) has nothing to iterate on
+    return max(10, min(2 * per_sample, 1000))
 
 
 def describe_failing(mask: Tensor, values: Tensor, limit: int = 8) -> str:
