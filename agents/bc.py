@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from diffmpc._checks import check_fields
 from diffmpc.errors import BadArgumentError
 from diffmpc.io import CheckpointError, check_state_dict
+from diffmpc.sweep import report
 
 from .ifo import normalized_error
 from .task import CARTPOLE, Task
@@ -118,9 +119,9 @@ class BCTrainer:
         self.task = task = task or CARTPOLE
         # What BC was trained on (dataset SHA-256, the learned dynamics' identity): checked on resume.
         self.provenance = dict(provenance or {})
-        p = next(dynamics.parameters())
-        self.x = torch.as_tensor(np.asarray(x), dtype=p.dtype)
-        self.x_next = torch.as_tensor(np.asarray(x_next), dtype=p.dtype)
+        p = next(dynamics.parameters())  # BC trains on the dynamics' device and dtype
+        self.x = torch.as_tensor(np.asarray(x), dtype=p.dtype).to(p.device)
+        self.x_next = torch.as_tensor(np.asarray(x_next), dtype=p.dtype).to(p.device)
         task.check_states(self.x, self.x_next, what="expert pairs")
         if self.x.shape != self.x_next.shape:
             raise ValueError(f"expert pairs must have equal shapes, got {tuple(self.x.shape)} and "
@@ -130,7 +131,7 @@ class BCTrainer:
             if trajectories is None:
                 raise BadArgumentError(f"BCConfig.rollout_steps={self.config.rollout_steps} needs the expert "
                                        "trajectories (N, T+1, n): pass trajectories=dataset.states")
-            traj = torch.as_tensor(np.asarray(trajectories), dtype=p.dtype)
+            traj = torch.as_tensor(np.asarray(trajectories), dtype=p.dtype).to(p.device)
             k = self.config.rollout_steps
             if traj.ndim != 3 or traj.shape[2] != task.state_dim or traj.shape[1] <= k:
                 raise BadArgumentError(f"trajectories must be (N, T+1, {task.state_dim}) with T >= "
@@ -141,7 +142,7 @@ class BCTrainer:
         self.out = None if out is None else Path(out)
         torch.manual_seed(seed)
         c = self.config
-        self.policy = BCPolicy(c.hidden, task).to(p.dtype)
+        self.policy = BCPolicy(c.hidden, task).to(p.device, p.dtype)
         self.opt = torch.optim.Adam(self.policy.parameters(), c.lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
@@ -188,14 +189,14 @@ class BCTrainer:
     def _loss(self, scale: Tensor) -> Tensor:
         c = self.config
         if self.trajectories is None:  # the paper's one-step loss on expert pairs
-            b = torch.randint(0, self.x.shape[0], (c.batch,), generator=self.generator)
+            b = torch.randint(0, self.x.shape[0], (c.batch,), generator=self.generator).to(self.x.device)
             x, xn = self.x[b], self.x_next[b]
             return normalized_error(self.dynamics(x, self.policy(x)), xn, scale).mean()
         # k-step rollout loss: roll π through the learned model from expert states x_t, compare x̂_{t+j}
         traj, k = self.trajectories, c.rollout_steps
         n, t1 = traj.shape[0], traj.shape[1]
-        i = torch.randint(0, n, (c.batch,), generator=self.generator)
-        t = torch.randint(0, t1 - k, (c.batch,), generator=self.generator)
+        i = torch.randint(0, n, (c.batch,), generator=self.generator).to(traj.device)
+        t = torch.randint(0, t1 - k, (c.batch,), generator=self.generator).to(traj.device)
         x = traj[i, t]
         total = x.new_zeros(())
         for j in range(1, k + 1):
@@ -214,7 +215,7 @@ class BCTrainer:
             self.resume()
         t0 = time.perf_counter() - self.elapsed
         scale = getattr(self.dynamics, "out_scale", None)
-        scale = torch.ones(self.task.state_dim) if scale is None else scale
+        scale = torch.ones(self.task.state_dim, device=self.x.device) if scale is None else scale
         bar = tqdm(
             total=c.steps, initial=self.step, desc="BC (through learned dynamics)", disable=not progress
         )
@@ -231,8 +232,9 @@ class BCTrainer:
                 self.opt.step()
                 self.step += 1
                 if self.step % 50 == 0 or self.step == c.steps:
-                    self.history.append(float(loss.detach()))
+                    self.history.append(float(loss.detach()))  # host sync every 50 steps (logging)
                     bar.set_postfix(loss=f"{self.history[-1]:.3g}")
+                    report(step=self.step, loss=self.history[-1])  # shown by a sweep's bar
                 bar.update(1)
                 if self.step % c.checkpoint_every == 0:
                     self.elapsed = time.perf_counter() - t0

@@ -47,22 +47,25 @@ def start_states(variance: float, n: int = EVAL_EPISODES, seed: int = EVAL_SEED)
     return torch.randn(n, 4, generator=g, dtype=torch.float64) * variance**0.5
 
 
-def rollout(policy: Policy, x0: Tensor, steps: int | None = None) -> dict[str, Tensor]:
+def rollout(policy: Policy, x0: Tensor, steps: int | None = None,
+            device: str | torch.device | None = None) -> dict[str, Tensor]:
     """Roll ``policy`` from the starts ``x0 (B, 4)``: ``states (B, T+1, 4)``, ``actions (B, T, 1)``,
     ``costs (B, T)`` (cost of the state after each step, as the env's ``info["cost"]``) and
-    ``episode_cost (B,)``.
+    ``episode_cost (B,)``. The rollout runs on ``device`` (default: ``x0``'s); the policy gets its
+    observations there (move a learned policy's modules there first).
     """
     from envs import CARTPOLE_EPISODE_STEPS, cartpole_cost, cartpole_dynamics
 
     steps = CARTPOLE_EPISODE_STEPS if steps is None else steps
     x = torch.as_tensor(x0, dtype=torch.float64)
+    x = x if device is None else x.to(device)
     if x.ndim != 2 or x.shape[1] != 4:
         raise ValueError(f"x0 must have shape (B, 4), got {tuple(x.shape)}")
     states, actions, costs = [x], [], []
     with torch.no_grad():
         for _ in range(steps):
-            u = torch.as_tensor(policy(x)).to(torch.float64).reshape(x.shape[0], 1)
-            if not bool(torch.isfinite(u).all()):
+            u = torch.as_tensor(policy(x)).to(x.device, torch.float64).reshape(x.shape[0], 1)
+            if not bool(torch.isfinite(u).all()):  # one host sync per step: a NaN action is an error
                 raise ValueError("the policy returned a NaN/inf action")
             u = u.clamp(-1.0, 1.0)
             x = cartpole_dynamics(x, u)
@@ -79,11 +82,13 @@ def rollout(policy: Policy, x0: Tensor, steps: int | None = None) -> dict[str, T
 
 
 def evaluate_policy(
-    policy: Policy, variance: float, seed: int = 0, n: int = EVAL_EPISODES, start_seed: int = EVAL_SEED
+    policy: Policy, variance: float, seed: int = 0, n: int = EVAL_EPISODES, start_seed: int = EVAL_SEED,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Mean episode cost (± standard error over the ``n`` starts) of ``policy`` from the fixed starts.
 
-    ``seed`` reseeds a stochastic policy (sampling planners) through its ``reset(seed)``.
+    ``seed`` reseeds a stochastic policy (sampling planners) through its ``reset(seed)``; the batched
+    rollout runs on ``device`` (default CPU; the starts are drawn on the CPU, so they are the same).
     """
     import time
 
@@ -92,8 +97,8 @@ def evaluate_policy(
     if hasattr(policy, "reset_counts"):
         policy.reset_counts()
     t0 = time.perf_counter()
-    res = rollout(policy, start_states(variance, n, start_seed))
-    ep = res["episode_cost"].numpy()
+    res = rollout(policy, start_states(variance, n, start_seed), device=device)
+    ep = res["episode_cost"].cpu().numpy()
     return {
         "converged_fraction": getattr(policy, "converged_fraction", None),
         "variance": variance,
@@ -132,18 +137,20 @@ def expert_policy(
     return MPCPolicy(sampler, warm_start=planner == "cem", dtype=torch.float64, seed=0)
 
 
-def mpc_policy(dynamics: torch.nn.Module, cost: torch.nn.Module, config: Any, task: Any = None) -> Any:
+def mpc_policy(dynamics: torch.nn.Module, cost: torch.nn.Module, config: Any, task: Any = None,
+               device: str | torch.device | None = None) -> Any:
     """MPC_IFT at test time: the learned model and cost in the MPC layer (sampler + Newton refinement, no
     gradients), an :class:`agents.MPCPolicy` warm-started by the shifted previous plan, at
-    ``config.eval_dtype``. Unconverged plans are counted (``converged_fraction``), not warned one by one."""
+    ``config.eval_dtype`` on ``device`` (default: the modules' own). Unconverged plans are counted
+    (``converged_fraction``), not warned one by one."""
     import copy
 
     from .ifo import _DTYPES, make_mpc
     from .mpc_policy import MPCPolicy
 
     dtype = _DTYPES[config.eval_dtype]
-    dyn = copy.deepcopy(dynamics).to(dtype).requires_grad_(False)
-    cst = copy.deepcopy(cost).to(dtype).requires_grad_(False)
+    dyn = copy.deepcopy(dynamics).to(device=device, dtype=dtype).requires_grad_(False)
+    cst = copy.deepcopy(cost).to(device=device, dtype=dtype).requires_grad_(False)
     mpc = make_mpc(dyn, cst, config, evaluation=True, seed=0, task=task)
     return MPCPolicy(mpc, dtype=dtype, seed=0, warn=False)
 

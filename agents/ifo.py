@@ -49,6 +49,7 @@ from diffmpc.errors import BadArgumentError
 from diffmpc.io import CheckpointError, check_state_dict
 from diffmpc.mpc import MPC
 from diffmpc.nn import MLPDynamics, TargetStateCost
+from diffmpc.sweep import report
 
 from .task import CARTPOLE, Simulator, Task, simulator_for
 from .training import load_checkpoint, quiet_convergence_warnings, save_checkpoint
@@ -269,22 +270,25 @@ class IfOTrainer:
     task: Task | None = None
     # What the run was trained on (dataset SHA-256, ...): stored in the checkpoint, must match on resume.
     provenance: dict[str, Any] = field(default_factory=dict)
+    device: str | torch.device | None = None  # where models, data and MPC solves live (default: CPU)
 
     def __post_init__(self) -> None:
         cfg = self.config
         dtype = _DTYPES[cfg.dtype]
         self.task = self.task or CARTPOLE
-        self.x = torch.as_tensor(np.asarray(self.x), dtype=dtype)
-        self.x_next = torch.as_tensor(np.asarray(self.x_next), dtype=dtype)
+        self.device = torch.device(self.device or "cpu")
+        self.x = torch.as_tensor(np.asarray(self.x), dtype=dtype).to(self.device)
+        self.x_next = torch.as_tensor(np.asarray(self.x_next), dtype=dtype).to(self.device)
         self.task.check_states(self.x, self.x_next, what="expert pairs")
         if self.x.shape != self.x_next.shape:
             raise ValueError(f"expert pairs must have equal shapes, got {tuple(self.x.shape)} and "
                              f"{tuple(self.x_next.shape)}")
         self.simulator = simulator_for(self.task, self.simulator)
         torch.manual_seed(self.seed)  # module initialisation
+        # Index/action draws stay on a CPU generator (reproducible on every device; small transfers).
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.dynamics = make_dynamics(cfg, self.task)
-        self.cost = make_cost(cfg, self.generator, self.task)
+        self.dynamics = make_dynamics(cfg, self.task).to(self.device)
+        self.cost = make_cost(cfg, self.generator, self.task).to(self.device)
         self.dyn_opt = torch.optim.Adam(self.dynamics.parameters(), cfg.dyn_lr)
         self.cost_opt = torch.optim.Adam(self.cost.parameters(), cfg.cost_lr)
         self.buffer: tuple[Tensor, Tensor, Tensor] | None = None
@@ -324,7 +328,7 @@ class IfOTrainer:
         self.cost.load_state_dict(state["cost"])
         self.dyn_opt.load_state_dict(state["dyn_opt"])
         self.cost_opt.load_state_dict(state["cost_opt"])
-        self.buffer = state["buffer"]
+        self.buffer = None if state["buffer"] is None else tuple(t.to(self.device) for t in state["buffer"])
         self.generator.set_state(state["generator"])
         self.iteration, self.warmed_up = state["iteration"], state["warmed_up"]
         self.history, self.dyn_history = list(state["history"]), list(state["dyn_history"])
@@ -350,9 +354,9 @@ class IfOTrainer:
     # ------------------------------------------------------------------ (a) dynamics
     def query(self, n: int) -> None:
         """Alg. 2, line "collect": ``x`` from the expert states, ``u ~ U(box)``, ``x' = F(x, u)``."""
-        idx = torch.randint(0, self.x.shape[0], (n,), generator=self.generator)
+        idx = torch.randint(0, self.x.shape[0], (n,), generator=self.generator).to(self.device)
         x = self.x[idx]
-        u = self.task.sample_actions(n, self.generator, x.dtype)
+        u = self.task.sample_actions(n, self.generator, x.dtype).to(self.device)
         xn = torch.as_tensor(self.simulator(x, u)).to(x.dtype)
         if xn.shape != x.shape:
             raise ValueError(f"the simulator returned shape {tuple(xn.shape)} for states {tuple(x.shape)}")
@@ -370,7 +374,7 @@ class IfOTrainer:
         dyn.requires_grad_(True)
         loss = torch.zeros(())
         for _ in range(steps):
-            b = torch.randint(0, x.shape[0], (self.config.dyn_batch,), generator=self.generator)
+            b = torch.randint(0, x.shape[0], (self.config.dyn_batch,), generator=self.generator).to(x.device)
             if lr is not None:
                 for group in self.dyn_opt.param_groups:
                     group["lr"] = lr
@@ -401,7 +405,7 @@ class IfOTrainer:
         """One Adam step of the cost on a batch of expert pairs (Alg. 2, the IFT step)."""
         cfg = self.config
         H = cfg.horizon_at(self.iteration)
-        idx = torch.randint(0, self.x.shape[0], (cfg.cost_batch,), generator=self.generator)
+        idx = torch.randint(0, self.x.shape[0], (cfg.cost_batch,), generator=self.generator).to(self.device)
         x, xn = self.x[idx], self.x_next[idx]
         self.dynamics.requires_grad_(False)  # θ_h is fixed while the cost learns
         mpc = make_mpc(self.dynamics, self.cost, cfg, horizon=H, seed=self.seed * 1_000_003 + self.iteration,
@@ -411,7 +415,7 @@ class IfOTrainer:
         x_hat = self.dynamics(x, u[:, 0])
         err = normalized_error(x_hat, xn, self.dynamics.out_scale)
         ok = info.converged
-        n_ok = int(ok.sum())
+        n_ok = int(ok.sum())  # host sync, once per iteration: the converged fraction is logged
         if n_ok:
             loss = err[ok].mean()
             self.cost_opt.zero_grad()
@@ -431,7 +435,8 @@ class IfOTrainer:
     def imitation_loss(self, x: Tensor, x_next: Tensor, horizon: int | None = None, seed: int = 0) -> float:
         """The cost loss on given expert pairs with a fixed sampler seed (all samples; no gradient)."""
         dtype = _DTYPES[self.config.dtype]
-        x, x_next = torch.as_tensor(x, dtype=dtype), torch.as_tensor(x_next, dtype=dtype)
+        x = torch.as_tensor(x, dtype=dtype).to(self.device)
+        x_next = torch.as_tensor(x_next, dtype=dtype).to(self.device)
         mpc = make_mpc(self.dynamics, self.cost, self.config, horizon=horizon, seed=seed, task=self.task)
         with torch.no_grad(), quiet_convergence_warnings():
             u, _ = mpc(x)
@@ -478,6 +483,8 @@ class IfOTrainer:
                 self.elapsed = time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(H=rec["horizon"], loss=f"{rec['loss']:.3g}", conv=f"{rec['converged']:.2f}")
+                # shown beside a sweep's progress bar (no-op outside a sweep)
+                report(iteration=self.iteration, loss=rec["loss"], converged=rec["converged"])
                 if self.iteration % cfg.checkpoint_every == 0:
                     self.save()
             bar.close()

@@ -128,8 +128,8 @@ class SamplingPlanner:
         low, high = self.low.to(x0), self.high.to(x0)
         if x0.shape[0] == 0:  # empty batch: an empty plan, as torch ops do for empty tensors
             return x0.new_zeros(0, self.horizon, low.shape[-1]), SamplingInfo(cost=x0.new_zeros(0))
-        if x0.device != self.generator.device:
-            raise ValueError("SamplingPlanner samples on the CPU; pass CPU observations")
+        if x0.device != self.generator.device:  # sample where the observations are, from the same seed
+            self.generator = torch.Generator(device=x0.device).manual_seed(self.generator.initial_seed())
         if self.sampler == "rs":
             u, c = random_shooting(self.plan_cost, x0, self.horizon, low, high, self.n_samples, u_init,
                                    self.generator)
@@ -190,10 +190,12 @@ class MPCPolicy:
         self.action_space = action_space
         self.warm_start = warm_start
         self.warn = warn
+        p = next(iter(mpc.parameters()), None)
         if dtype is None:
-            p = next(iter(mpc.parameters()), None)
             dtype = p.dtype if p is not None else torch.float64
         self.dtype = dtype
+        # numpy observations go to the device of the planner's parameters (tensors keep their own device)
+        self.device = p.device if p is not None else torch.device("cpu")
         self._seed = seed
         self._plan: Tensor | None = None
         self.last_info: Any = None
@@ -267,7 +269,7 @@ class MPCPolicy:
             xb = x.unsqueeze(0) if x.ndim == 1 else x
             u, _ = self._solve(xb)
             return u[0, 0] if x.ndim == 1 else u[:, 0]
-        x = torch.as_tensor(np.asarray(obs), dtype=self.dtype)
+        x = torch.as_tensor(np.asarray(obs), dtype=self.dtype).to(self.device)
         if x.ndim not in (1, 2):
             raise ValueError(f"observation must have shape (n,) or (B, n), got {tuple(x.shape)}")
         xb = x.unsqueeze(0) if x.ndim == 1 else x
