@@ -125,6 +125,7 @@ class RunContext:
             self._last_write = now
 
     def flush(self) -> None:
+        """Write the latest metrics to ``progress.json`` now (``log`` writes at most once a second)."""
         if self._metrics:
             with contextlib.suppress(OSError):
                 write_json(self.dir / PROGRESS_FILE, self._metrics)
@@ -162,6 +163,7 @@ class SweepResult:
     interrupted: bool = False
 
     def summary(self) -> str:
+        """One line: finished (run now / resumed), failed and cancelled runs, backend and wall time."""
         parts = [f"{len(self.finished)} finished ({len(self.ran)} run now, {len(self.skipped)} resumed)"]
         if self.failed:
             parts.append(f"{len(self.failed)} failed: {', '.join(self.failed)}")
@@ -267,6 +269,7 @@ def _jsonable(o: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- the sweep
 def ray_available() -> bool:
+    """Whether Ray can be imported (``pip install 'diffmpc[ray]'``)."""
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -284,6 +287,7 @@ def run_sweep(
     progress: bool = True,
     desc: str = "runs",
     backend: str = "auto",
+    gpus_per_run: float = 0.0,
 ) -> SweepResult:
     """Run every task of the sweep once (see the module docstring for the guarantees).
 
@@ -299,6 +303,8 @@ def run_sweep(
             ``SweepResult.aggregate``: rebuild the sweep's table here.
         backend: ``"auto"`` (Ray when installed and ``jobs > 1`` or ``address``), ``"ray"`` or
             ``"sequential"``.
+        gpus_per_run: GPUs each Ray task requests (e.g. ``1 / jobs`` to share one GPU between the runs);
+            Ray then sets ``CUDA_VISIBLE_DEVICES`` for the task.
 
     Raises:
         RunDirError: a run directory belongs to another config (checked before anything runs), or another
@@ -333,7 +339,7 @@ def run_sweep(
         bar = _bar(len(tasks), len(result.skipped), desc, progress)
         try:
             if use_ray:
-                _run_ray(pending, run_fn, out_dir, jobs, address, result, bar)
+                _run_ray(pending, run_fn, out_dir, jobs, address, result, bar, gpus_per_run)
             else:
                 _run_here(pending, run_fn, out_dir, result, bar)
         except KeyboardInterrupt:
@@ -394,6 +400,10 @@ def _ray_session(jobs: int, address: str | None) -> Iterator[Any]:
         return
     env = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if address is None:
+        # Ray's memory monitor kills *our* workers when the machine runs low on memory, whoever uses it; on a
+        # private local instance leave that to the kernel (set RAY_memory_monitor_refresh_ms to re-enable).
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     try:
         kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False,
                                   "configure_logging": True, "logging_level": "warning"}
@@ -415,11 +425,12 @@ def _ray_session(jobs: int, address: str | None) -> Iterator[Any]:
 
 
 def _run_ray(tasks: list[Task], run_fn: Callable, out_dir: Path, jobs: int, address: str | None,
-             result: SweepResult, bar: Any) -> None:
+             result: SweepResult, bar: Any, gpus_per_run: float = 0.0) -> None:
     if not tasks:
         return
     with _ray_session(jobs, address) as ray:
-        remote = ray.remote(num_cpus=1, max_retries=0)(_execute)
+        # Exceptions of run_fn never reach Ray (_execute returns them); retries are for lost workers only.
+        remote = ray.remote(num_cpus=1, num_gpus=gpus_per_run, max_retries=1)(_execute)
         refs = {remote.remote(run_fn, t, str(out_dir), 1): t for t in tasks}
         seen_progress: dict[str, float] = {}
         try:
@@ -434,8 +445,8 @@ def _run_ray(tasks: list[Task], run_fn: Callable, out_dir: Path, jobs: int, addr
                         rec = {"name": task.name, "config": dict(task.config), "status": "failed",
                                "config_hash": config_hash(task.config), "traceback": tb}
                         with contextlib.suppress(OSError):
+                            (out_dir / task.name).mkdir(parents=True, exist_ok=True)
                             (out_dir / task.name / ERROR_FILE).write_text(tb)
-                            write_json(out_dir / task.name / RUN_FILE, rec)
                     _ensure_record(out_dir, rec)
                     _record(result, bar, rec)
                 _poll_progress(out_dir, refs.values(), seen_progress, bar)

@@ -135,6 +135,7 @@ def _cmd_sweep(args: Any) -> int:
 
 
 def register(subparsers: Any) -> None:
+    """Add the ``sweep`` subcommand."""
     p = subparsers.add_parser(
         "sweep",
         help="run another diffmpc command over seeds and option values (Ray with --jobs/--address)",

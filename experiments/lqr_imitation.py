@@ -21,6 +21,7 @@ coincide; what differs is their cost (see ``benchmarks/dare_backward.py``). This
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from diffmpc._checks import check_choice, check_fields, check_real
+from diffmpc.device import add_device_argument, resolve_device
 from diffmpc.lqr import LQRError, dare, dlqr, is_stabilizable
 from diffmpc.sweep import RunContext, SweepResult, Task, add_sweep_arguments, report, run_sweep
 from envs.mass_spring_damper import X0, msd_cost_matrices, msd_matrices
@@ -68,10 +70,10 @@ class ImitationConfig:
             check_choice("--modes", m, tuple(MODE_LABELS))
 
 
-def expert_data(damping: float) -> dict[str, torch.Tensor]:
-    """The true (A, B, Q, R), the expert gain K(A) and its 50-step trajectory (states, controls)."""
-    A, B = msd_matrices(damping=damping, dtype=torch.float64)
-    Q, R = msd_cost_matrices(dtype=torch.float64)
+def expert_data(damping: float, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The true (A, B, Q, R) and the expert gain K(A), on ``device``."""
+    A, B = msd_matrices(damping=damping, dtype=torch.float64, device=device)
+    Q, R = msd_cost_matrices(dtype=torch.float64, device=device)
     return {"A": A, "B": B, "Q": Q, "R": R, "K": dlqr(A, B, Q, R)}
 
 
@@ -94,23 +96,29 @@ def imitation_loss(A_hat: torch.Tensor, data: dict, xs: torch.Tensor, us: torch.
     K_hat = dlqr(A_hat, data["B"], data["Q"], data["R"], backward=backward)          # (I, m, n)
     x0 = xs[starts]                                                                     # (I, S, n)
     _, u_hat = rollout(A_hat[:, None], data["B"], K_hat[:, None], x0, horizon)         # (I, S, H, m)
-    idx = starts[..., None] + torch.arange(horizon)                                     # (I, S, H)
+    idx = starts[..., None] + torch.arange(horizon, device=starts.device)               # (I, S, H)
     return ((us[idx] - u_hat) ** 2).sum(-1).mean(-1)
 
 
-def train(cfg: ImitationConfig, damping: float, mode: str, progress: bool = True) -> dict[str, Any]:
-    """Learn Â for every init with one backward ``mode``; returns curves and final numbers."""
+def train(cfg: ImitationConfig, damping: float, mode: str, progress: bool = True,
+          device: str | torch.device | None = None) -> dict[str, Any]:
+    """Learn Â for every init with one backward ``mode`` on ``device``; returns curves and final numbers.
+
+    Host syncs: the DARE's own checks each step (an Â without a stabilising gain raises), and the
+    evaluation every ``eval_every`` iterations; the per-step training loss is kept on the device."""
     from tqdm import tqdm
 
-    data = expert_data(damping)
+    data = expert_data(damping, device)
     A, n = data["A"], data["A"].shape[0]
-    xs, us = rollout(A, data["B"], data["K"], torch.tensor(cfg.x0, dtype=torch.float64), cfg.trajectory)
-    gen = torch.Generator().manual_seed(cfg.seed)  # same inits and starts for every mode
-    A_hat = (A + (torch.rand(cfg.inits, n, n, generator=gen, dtype=torch.float64) * 2 - 1) * cfg.init_noise)
+    x0 = torch.tensor(cfg.x0, dtype=torch.float64, device=A.device)
+    xs, us = rollout(A, data["B"], data["K"], x0, cfg.trajectory)
+    gen = torch.Generator().manual_seed(cfg.seed)  # same inits and starts for every mode (and device)
+    noise = torch.rand(cfg.inits, n, n, generator=gen, dtype=torch.float64).to(A.device)
+    A_hat = (A + (noise * 2 - 1) * cfg.init_noise)
     A_hat.requires_grad_()
     opt = torch.optim.Adam([A_hat], lr=cfg.lr)
     n_starts = cfg.trajectory - cfg.horizon + 1
-    all_starts = torch.arange(n_starts).expand(cfg.inits, -1)
+    all_starts = torch.arange(n_starts, device=A.device).expand(cfg.inits, -1)
     train_loss, eval_iters, eval_loss, model_loss, failures = [], [], [], [], 0
     backward_s = 0.0
     t0 = time.perf_counter()
@@ -124,7 +132,7 @@ def train(cfg: ImitationConfig, damping: float, mode: str, progress: bool = True
                 report(step=it, imitation_loss=float(np.nanmean(eval_loss[-1])))  # shown by a sweep's bar
         if it == cfg.iterations:
             break
-        starts = torch.randint(0, n_starts, (cfg.inits, 1), generator=gen)
+        starts = torch.randint(0, n_starts, (cfg.inits, 1), generator=gen).to(A.device)
         try:
             loss = imitation_loss(A_hat, data, xs, us, starts, cfg.horizon, mode)[:, 0]
         except LQRError:
@@ -133,11 +141,14 @@ def train(cfg: ImitationConfig, damping: float, mode: str, progress: bool = True
         opt.zero_grad()
         tb = time.perf_counter()
         loss.sum().backward()  # the inits are independent problems: their gradients do not mix
+        if A.device.type == "cuda":
+            torch.cuda.synchronize(A.device)  # time the backward, not its launch
         backward_s += time.perf_counter() - tb
         if cfg.cosine:
             opt.param_groups[0]["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
         opt.step()
-        train_loss.append(loss.detach().tolist())
+        train_loss.append(loss.detach())
+    train_loss = torch.stack(train_loss).tolist() if train_loss else []  # one host sync, not one per step
     wall = time.perf_counter() - t0
     final_eval = np.asarray(eval_loss[-1])
     final_model = np.asarray(model_loss[-1])
@@ -161,7 +172,7 @@ def _safe_loss(A_hat, data, xs, us, starts, horizon) -> torch.Tensor:
                 out.append(imitation_loss(A_hat[i:i + 1], data, xs, us, starts[i:i + 1], horizon,
                                           "lyapunov").mean())
             except LQRError:
-                out.append(torch.tensor(float("nan"), dtype=A_hat.dtype))
+                out.append(torch.tensor(float("nan"), dtype=A_hat.dtype, device=A_hat.device))
         return torch.stack(out)
 
 
@@ -191,12 +202,15 @@ def _task_config(cfg: ImitationConfig, damping: float, mode: str) -> dict[str, A
     return {**config, "damping": damping, "mode": mode}
 
 
-def run_task(config: dict[str, Any], ctx: RunContext | None = None) -> dict[str, Any]:
-    """One (damping, mode) training run from its :func:`_task_config` (a sweep task; runs in a worker)."""
+def run_task(config: dict[str, Any], ctx: RunContext | None = None, device: str | None = None
+             ) -> dict[str, Any]:
+    """One (damping, mode) training run from its :func:`_task_config` (a sweep task; runs in a worker).
+    ``device`` is where it runs, recorded in the results, not part of the run's key."""
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     fields = {k: v for k, v in config.items() if k not in ("damping", "mode")}
     cfg = ImitationConfig(**{**fields, "x0": tuple(fields["x0"])})
-    r = train(cfg, config["damping"], config["mode"], progress=False)
+    r = train(cfg, config["damping"], config["mode"], progress=False, device=device)
+    r["device"] = str(device or "cpu")
     print(f"c={config['damping']:g} {config['mode']:9s}: imitation {r['final_imitation_loss_mean']:.3e} ± "
           f"{r['final_imitation_loss_std']:.1e}, model ‖A−Â‖ {r['final_model_loss_mean']:.2e} ± "
           f"{r['final_model_loss_std']:.1e}, {r['wall_s']:.1f}s (backward {r['backward_s']:.1f}s)")
@@ -204,7 +218,7 @@ def run_task(config: dict[str, Any], ctx: RunContext | None = None) -> dict[str,
 
 
 def run(cfg: ImitationConfig, out: str | Path, progress: bool = True, jobs: int = 1,
-        address: str | None = None) -> dict[str, Any]:
+        address: str | None = None, device: str | None = None) -> dict[str, Any]:
     """All (damping, mode) runs as one sweep (:func:`diffmpc.sweep.run_sweep`: ``jobs`` Ray workers or an
     existing cluster at ``address``; in-process by default): each run in ``out/runs/c=C_MODE/`` keyed on its
     full config (finished runs are skipped, so adding a mode or a damping trains only the new runs); the
@@ -228,8 +242,10 @@ def run(cfg: ImitationConfig, out: str | Path, progress: bool = True, jobs: int 
         write_results(out, results)
         return results
 
-    res = run_sweep(tasks, run_task, out / "runs", jobs=jobs, address=address, progress=progress,
-                    desc="lqr-imitation", aggregate=aggregate)
+    gpus = 1.0 / jobs if str(device or "cpu").startswith("cuda") else 0.0  # the runs share one GPU
+    res = run_sweep(tasks, functools.partial(run_task, device=device), out / "runs", jobs=jobs,
+                    address=address, progress=progress, desc="lqr-imitation", aggregate=aggregate,
+                    gpus_per_run=gpus)
     return res.aggregate
 
 
@@ -312,6 +328,7 @@ def register(subparsers) -> None:
     p.add_argument("--constant-lr", action="store_true", help="no cosine annealing of the step size")
     p.add_argument("--no-progress", action="store_true")
     add_sweep_arguments(p, "(damping, mode) runs in parallel, one CPU each, on a local Ray")
+    add_device_argument(p)
     p.set_defaults(handler=_main)
 
 
@@ -319,7 +336,8 @@ def _main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     cfg = ImitationConfig(dampings=tuple(args.damping), modes=tuple(args.modes), iterations=args.iterations,
                           inits=args.inits, lr=args.lr, seed=args.seed, cosine=not args.constant_lr)
-    res = run(cfg, args.out, progress=not args.no_progress, jobs=args.jobs, address=args.address)
+    res = run(cfg, args.out, progress=not args.no_progress, jobs=args.jobs, address=args.address,
+              device=str(resolve_device(args.device)))
     for c, s in res["systems"].items():
         print(f"c={c}: |eig(A)| = {np.round(s['eig_abs_A'], 6).tolist()}, stabilizable={s['stabilizable']}, "
               f"DARE solvable, ρ(A − BK) = {s['spectral_radius_closed_loop']:.4f}")

@@ -8,16 +8,19 @@ Layout of a ``table2``/``demo`` output directory::
     OUT/run_<seed>/bc/bc_checkpoint.pt     BC policy trained through that run's learned dynamics
     OUT/run_<seed>/bco/bco_checkpoint.pt   BCO policy (inverse-dynamics labels + supervised BC)
     OUT/run_<seed>/results.json            that run's evaluation (expert, BC, BCO, MPC_IFT at each variance)
+    OUT/run_<seed>/run.json, log.txt       its sweep record (config + hash, status) and output
     OUT/results.json, OUT/table2.md        mean ± standard error over runs, gaps to the expert, the paper
     OUT/fig3.mp4, OUT/fig3.gif, OUT/trajectories.png   one start rolled out by each policy (first run)
 
-Every step resumes: finished runs are skipped, interrupted trainings continue from their checkpoints.
+Every step resumes: finished runs are skipped, interrupted trainings continue from their checkpoints. The
+training runs go through :func:`diffmpc.sweep.run_sweep` (``--jobs N``: a local Ray; ``--address``: a
+cluster; without Ray installed, one after another in this process).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +31,9 @@ from diffmpc.errors import BadArgumentError, BadFileError
 
 if TYPE_CHECKING:
     import torch
+
+from diffmpc.device import add_device_argument, resolve_device
+from diffmpc.sweep import add_sweep_arguments
 
 __all__ = ["PAPER_TABLE2", "run_pipeline", "aggregate_runs", "table2_markdown", "register"]
 
@@ -94,8 +100,9 @@ def train_ifo(
     progress: bool = True,
     overwrite: bool = False,
     angle_dims: list[int] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Alg. 2 on the dataset's expert pairs; checkpoint and ``results.json`` under ``out``.
+    """Alg. 2 on the dataset's expert pairs on ``device``; checkpoint and ``results.json`` under ``out``.
 
     A checkpoint already under ``out`` is continued (``resume``) only if it was trained on the same dataset
     file (SHA-256), config and seed; without ``resume`` it is refused unless ``overwrite``. Any env whose
@@ -107,10 +114,12 @@ def train_ifo(
     refuse_overwrite(Path(out) / "ifo_checkpoint.pt", resume, overwrite)
     x, xn, meta = _pairs(dataset)
     trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out),
-                         provenance=dataset_identity(dataset), task=task_of_dataset(meta, angle_dims))
+                         provenance=dataset_identity(dataset), task=task_of_dataset(meta, angle_dims),
+                         device=device)
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train ifo",
+        device=str(trainer.device),
         preset=preset,
         dataset=str(dataset),
         provenance=trainer.provenance,
@@ -133,8 +142,10 @@ def train_bc(
     rollout_steps: int | None = None,
     hidden: tuple[int, ...] | None = None,
     steps: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """BC through the learned dynamics of the IfO checkpoint ``dynamics``; results under ``out``.
+    """BC through the learned dynamics of the IfO checkpoint ``dynamics`` (on ``device``); results under
+    ``out``.
 
     ``rollout_steps``, ``hidden`` and ``steps`` override the preset (``rollout_steps`` > 1: the multi-step
     rollout loss on the dataset's trajectories). The checkpoint records the dataset's SHA-256 and the
@@ -151,6 +162,7 @@ def train_bc(
     x, xn, meta = _pairs(dataset)
     dyn, _, _, task = load_ifo_checkpoint(_checkpoint(dynamics, "ifo_checkpoint.pt"))
     provenance = dict(dataset_identity(dataset), dynamics_sha256=dynamics_identity(dyn))
+    dyn = dyn.to(device or "cpu")  # BC trains where its dynamics live
     overrides = {"rollout_steps": rollout_steps, "hidden": hidden, "steps": steps}
     cfg = replace(BC_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     traj = load_dataset(dataset).states if cfg.rollout_steps > 1 else None
@@ -204,8 +216,9 @@ def _checkpoint(path: str | Path, name: str) -> Path:
     return p / name if p.is_dir() else p
 
 
-def make_policy(spec: str) -> Any:
-    """``expert``, ``ifo:PATH`` (MPC_IFT from an IfO checkpoint/dir) or ``bc:PATH`` -> a batched policy."""
+def make_policy(spec: str, device: str | None = None) -> Any:
+    """``expert``, ``ifo:PATH`` (MPC_IFT from an IfO checkpoint/dir) or ``bc:PATH`` -> a batched policy
+    (learned modules moved to ``device``; the expert plans wherever its observations are)."""
     from agents.evaluation import expert_policy, mpc_policy
 
     kind, _, path = spec.partition(":")
@@ -218,20 +231,22 @@ def make_policy(spec: str) -> Any:
         from agents.ifo import load_ifo_checkpoint
 
         dyn, cost, cfg, task = load_ifo_checkpoint(_checkpoint(path, "ifo_checkpoint.pt"))
-        return mpc_policy(dyn, cost, cfg, task)
+        return mpc_policy(dyn, cost, cfg, task, device=device)
     if kind == "bc" and path:
         from agents.bc import load_bc_policy
 
-        return load_bc_policy(_checkpoint(path, "bc_checkpoint.pt")).requires_grad_(False)
+        return load_bc_policy(_checkpoint(path, "bc_checkpoint.pt")).to(device or "cpu").requires_grad_(False)
     if kind == "bco" and path:
         from agents.bc import load_bco_policy
 
-        return load_bco_policy(_checkpoint(path, "bco_checkpoint.pt")).requires_grad_(False)
+        policy = load_bco_policy(_checkpoint(path, "bco_checkpoint.pt"))
+        return policy.to(device or "cpu").requires_grad_(False)
     raise ValueError(f"unknown policy {spec!r}; use expert, expert:cem, ifo:PATH, bc:PATH or bco:PATH")
 
 
 def evaluate_policies(
-    policies: dict[str, Any], variances: dict[str, float], seed: int = 0, progress: bool = False
+    policies: dict[str, Any], variances: dict[str, float], seed: int = 0, progress: bool = False,
+    device: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{policy: {variance_name: evaluate_policy(...)}}`` over the fixed 50 starts."""
     from tqdm import tqdm
@@ -241,7 +256,8 @@ def evaluate_policies(
     out: dict[str, dict[str, Any]] = {}
     jobs = [(n, v) for n in policies for v in variances]
     for name, vname in tqdm(jobs, desc="evaluation", disable=not progress, leave=False):
-        out.setdefault(name, {})[vname] = evaluate_policy(policies[name], variances[vname], seed=seed)
+        out.setdefault(name, {})[vname] = evaluate_policy(policies[name], variances[vname], seed=seed,
+                                                          device=device)
     return out
 
 
@@ -252,43 +268,30 @@ def run_one(
     preset: str = "quick",
     variances: str = "both",
     progress: bool = True,
-    threads: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """One training run of the pipeline (IfO, BC, evaluation of expert/BC/MPC_IFT); cached in
-    ``out/run_<seed>/results.json``."""
-    import torch
-
+    """One training run of the pipeline (IfO, BC, evaluation of expert/BC/MPC_IFT) in the run directory
+    ``out`` (its IfO/BC checkpoints resume); returns the run's results (also in ``out/results.json``)."""
     from diffmpc.io import write_results
 
-    if threads:
-        torch.set_num_threads(threads)
-    run_dir = Path(out) / f"run_{seed}"
-    cached = run_dir / "results.json"
-    if cached.is_file():
-        res = json.loads(cached.read_text())
-        if (
-            res.get("preset") == preset
-            and res.get("seed") == seed
-            and res.get("provenance") == dataset_identity(dataset)
-            and set(res["evaluation"]["expert"]) == set(_variances(variances))
-            and "bco" in res["evaluation"]
-        ):
-            return res
+    run_dir = Path(out)
     t0 = time.perf_counter()
-    ifo = train_ifo(dataset, run_dir / "ifo", preset, seed, resume=True, progress=progress)
-    bc = train_bc(dataset, run_dir / "bc", run_dir / "ifo", preset, seed, resume=True, progress=progress)
+    ifo = train_ifo(dataset, run_dir / "ifo", preset, seed, resume=True, progress=progress, device=device)
+    bc = train_bc(dataset, run_dir / "bc", run_dir / "ifo", preset, seed, resume=True, progress=progress,
+                  device=device)
     bco = train_bco(dataset, run_dir / "bco", preset, seed, resume=True, progress=progress)
     t_train = time.perf_counter() - t0
     policies = {
-        "expert": make_policy("expert"),
-        "bc": make_policy(f"bc:{run_dir / 'bc'}"),
-        "bco": make_policy(f"bco:{run_dir / 'bco'}"),
-        "mpc_ift": make_policy(f"ifo:{run_dir / 'ifo'}"),
+        "expert": make_policy("expert", device),
+        "bc": make_policy(f"bc:{run_dir / 'bc'}", device),
+        "bco": make_policy(f"bco:{run_dir / 'bco'}", device),
+        "mpc_ift": make_policy(f"ifo:{run_dir / 'ifo'}", device),
     }
-    ev = evaluate_policies(policies, _variances(variances), seed=seed, progress=progress)
+    ev = evaluate_policies(policies, _variances(variances), seed=seed, progress=progress, device=device)
     res = {
         "seed": seed,
         "preset": preset,
+        "device": str(device or "cpu"),
         "dataset": str(dataset),
         "provenance": dataset_identity(dataset),
         "train_time_s": t_train,
@@ -305,6 +308,30 @@ def run_one(
     }
     write_results(run_dir, res)
     return res
+
+
+def run_task(config: dict[str, Any], ctx: Any, device: str | None = None) -> dict[str, Any]:
+    """A Table 2 training run as a sweep task (:func:`diffmpc.sweep.run_sweep`); ``config`` from
+    :func:`run_config`, the run directory is ``ctx.dir``. The device is where it runs, not what it is:
+    it is recorded in the results but not part of the run's key."""
+    from diffmpc.io import file_sha256
+
+    dataset = ctx.dir.parent / config["dataset"]  # relative to the sweep directory unless absolute
+    if file_sha256(dataset) != config["dataset_sha256"]:
+        raise RuntimeError(f"{dataset} changed since the sweep was set up; rerun the command")
+    return run_one(config["seed"], dataset, ctx.dir, config["preset"], config["variances"], False, device)
+
+
+def run_config(seed: int, dataset: str | Path, out: str | Path, preset: str, variances: str
+               ) -> dict[str, Any]:
+    """Everything a run depends on, the dataset by content hash: what its run directory is keyed on. The
+    dataset's path is relative to the sweep directory ``out`` when it lies inside (so ``out`` can move)."""
+    from diffmpc.io import file_sha256
+
+    dataset, out = Path(dataset).resolve(), Path(out).resolve()
+    where = str(dataset.relative_to(out)) if dataset.is_relative_to(out) else str(dataset)
+    return {"seed": seed, "preset": preset, "variances": variances, "dataset": where,
+            "dataset_sha256": file_sha256(dataset), "policies": ["expert", "bc", "bco", "mpc_ift"]}
 
 
 def aggregate_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -414,8 +441,15 @@ def run_pipeline(
     jobs: int = 1,
     progress: bool = True,
     command: str = "diffmpc table2",
+    address: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """The whole Table 2 / Fig. 3 pipeline (see the module docstring); returns the aggregated results."""
+    """The whole Table 2 / Fig. 3 pipeline (see the module docstring); returns the aggregated results.
+
+    The training runs are a sweep (:func:`diffmpc.sweep.run_sweep`): ``jobs`` one-CPU Ray tasks on this
+    machine, or an existing Ray cluster at ``address``; in-process with ``jobs=1``. Each run directory is
+    keyed on its full config (seed, preset, variances, dataset hash): finished runs are skipped, a failed run
+    is reported and left out of the table (the table is built from the runs that finished)."""
     from diffmpc._checks import check_int
     from diffmpc.io import write_results
 
@@ -434,26 +468,27 @@ def run_pipeline(
         if not dataset.is_file():
             generate_dataset(dataset, episodes=episodes, seed=seed, progress=progress)
     seeds = [seed + i for i in range(runs)]
-    if jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+    from diffmpc.sweep import Task, run_sweep
 
-        from tqdm import tqdm
-
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, s, dataset, out, preset, variances, False, 1) for s in seeds]
-            results = [f.result() for f in tqdm(futures, desc="training runs", disable=not progress)]
-    else:
-        results = [run_one(s, dataset, out, preset, variances, progress) for s in seeds]
+    tasks = [Task(f"run_{s}", run_config(s, dataset, out, preset, variances)) for s in seeds]
+    gpus = 1.0 / jobs if str(device or "cpu").startswith("cuda") else 0.0  # the runs share one GPU
+    sweep = run_sweep(tasks, functools.partial(run_task, device=device), out, jobs=jobs, address=address,
+                      progress=progress, desc="training runs", gpus_per_run=gpus)
+    if not sweep.finished:
+        raise RuntimeError(f"no Table 2 run finished ({len(sweep.failed)} failed; tracebacks in "
+                           f"{out}/run_*/error.txt)")
+    results = [sweep.finished[t.name] for t in tasks if t.name in sweep.finished]
+    seeds = [r["seed"] for r in results]
     table = aggregate_runs(results)
     minutes = (time.perf_counter() - t0) / 60
-    md = table2_markdown(table, runs, command, minutes)
+    md = table2_markdown(table, len(results), command, minutes)
     (out / "table2.md").write_text(md)
     media = render_run(out / f"run_{seeds[0]}", out, seed=seeds[0])
     res = {
         "command": command,
-        "runs": runs,
+        "runs": len(results),
         "seeds": seeds,
+        "failed_runs": sorted(sweep.failed),
         "preset": preset,
         "dataset": str(dataset),
         "table": table,
@@ -477,6 +512,7 @@ def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_he
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if not preset:
         return
+    add_device_argument(p)
     p.add_argument(
         "--preset",
         choices=("quick", "paper", "tiny"),
@@ -486,9 +522,10 @@ def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_he
 
 
 def _cmd_train(args: Any) -> int:
+    device = str(resolve_device(args.device))
     if args.what == "ifo":
         s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
-                      overwrite=args.overwrite, angle_dims=args.angle_dims)
+                      overwrite=args.overwrite, angle_dims=args.angle_dims, device=device)
         print(
             f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
             f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
@@ -506,6 +543,7 @@ def _cmd_train(args: Any) -> int:
         s = train_bc(
             args.dataset, args.out, args.dynamics, args.preset, args.seed, args.resume, not args.no_progress,
             overwrite=args.overwrite, rollout_steps=args.rollout_steps, hidden=args.hidden, steps=args.steps,
+            device=device,
         )
         print(
             f"BC: {s['steps']} steps in {s['elapsed_s']:.0f} s, final loss {s['loss_final']:.4g} "
@@ -522,6 +560,7 @@ def _cmd_evaluate(args: Any) -> int:
     import envs
     from diffmpc.io import write_results
 
+    device = str(resolve_device(args.device))
     if args.env != envs.CARTPOLE_ID:  # any registered env: episodes in the Gymnasium loop, fixed seeds
         from agents.evaluation import evaluate_in_env
         from diffmpc.errors import BadArgumentError
@@ -539,9 +578,9 @@ def _cmd_evaluate(args: Any) -> int:
                   f"{r['mean_cost']:.2f} over {len(seeds)} episodes")
         print(f"-> {path}")
         return 0
-    policies = {spec: make_policy(spec) for spec in args.policy}
+    policies = {spec: make_policy(spec, device) for spec in args.policy}
     res = evaluate_policies(
-        policies, _variances(args.variance), seed=args.seed, progress=not args.no_progress
+        policies, _variances(args.variance), seed=args.seed, progress=not args.no_progress, device=device
     )
     path = write_results(args.out, {"command": "evaluate", "seed": args.seed, "evaluation": res})
     for spec, rows in res.items():
@@ -573,6 +612,8 @@ def _cmd_table2(args: Any) -> int:
         args.jobs,
         not args.no_progress,
         command=cmd,
+        address=args.address,
+        device=str(resolve_device(args.device)),
     )
     return 0
 
@@ -580,7 +621,8 @@ def _cmd_table2(args: Any) -> int:
 def _cmd_demo(args: Any) -> int:
     cmd = f"diffmpc demo --preset {args.preset} --seed {args.seed}"
     run_pipeline(
-        args.out, 1, args.preset, args.seed, None, args.episodes, "low", 1, not args.no_progress, command=cmd
+        args.out, 1, args.preset, args.seed, None, args.episodes, "low", 1, not args.no_progress, command=cmd,
+        device=str(resolve_device(args.device)),
     )
     print(f"side-by-side video (expert | BC | MPC_IFT): {Path(args.out) / 'fig3.mp4'}")
     return 0
@@ -627,6 +669,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--episodes", type=int, default=10, help="episodes per policy for an --env other than the "
                    "cart-pole (the cart-pole uses its 50 fixed starts)")
     _common(e, preset=False, seed_help="seed of the sampling planners (expert, MPC_IFT)")
+    add_device_argument(e)
     e.set_defaults(handler=_cmd_evaluate)
 
     r = subparsers.add_parser("render", help="side-by-side video + trajectory plot of a run (paper Fig. 3)")
@@ -645,7 +688,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dataset", help="expert dataset (default: generate OUT/dataset/expert_cartpole.npz)")
     p.add_argument("--episodes", type=int, default=100, help="expert trajectories when generating")
     p.add_argument("--variance", choices=("low", "high", "both"), default="both")
-    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (1 thread each)")
+    add_sweep_arguments(p, "training runs in parallel (one CPU each) on a local Ray")
     _common(p, "runs/table2")
     p.set_defaults(handler=_cmd_table2)
 
