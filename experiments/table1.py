@@ -87,6 +87,7 @@ from diffmpc.io import (
 )
 from diffmpc.nn import ODEFunc
 from diffmpc.ode import odeint
+from diffmpc.sweep import add_sweep_arguments
 
 from .ode_data import CMU_DEFAULT_PATH, Series, cmu_baselines, load_cmu, make_task
 
@@ -557,6 +558,31 @@ def run_one(config: Table1Config, method: str, run_index: int, out: str | os.Pat
         return res
 
 
+def run_task(task: dict[str, Any], ctx: Any, config: Table1Config, out: str) -> dict[str, Any]:
+    """One (method, run) of a job as a :func:`diffmpc.sweep.run_sweep` task (``--jobs``/``--address``): the
+    same :func:`run_one` (same run files, checkpoints and keys under ``out``); returns its short summary."""
+    torch.set_num_threads(1)
+    if task["key"] != config.key():
+        raise CheckpointError(f"sweep task {ctx.name} was set up for another config")
+    res = run_one(config, task["method"], task["run_index"], out)
+    if res is None:
+        raise RuntimeError(f"{_run_name(task['method'], task['run_index'])} is held by another live process")
+    return {k: res.get(k) for k in ("status", "test_mse", "final_test_mse", "train_seconds", "error")}
+
+
+def _sweep(config: Table1Config, jobs_list: list[tuple[str, int]], out: str | os.PathLike, jobs: int,
+           address: str | None) -> None:
+    """The runs of a job as Ray tasks; the sweep's own records live in ``run_dir/sweep/`` (the run results
+    stay where :func:`run_one` writes them, so sequential and parallel invocations share them)."""
+    import functools
+
+    from diffmpc.sweep import Task, run_sweep
+
+    tasks = [Task(_run_name(m, r), {"key": config.key(), "method": m, "run_index": r}) for m, r in jobs_list]
+    run_sweep(tasks, functools.partial(run_task, config=config, out=str(Path(out).resolve())),
+              config.run_dir(out) / "sweep", jobs=jobs, address=address, desc=f"table1 {config.task}")
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, float)
     if a.size == 0:
@@ -630,17 +656,19 @@ def in_progress(config: Table1Config, out: str | os.PathLike) -> list[dict[str, 
 def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str = "quick",
         methods: list[str] | None = None, iters: int | None = None, cmu_path: str | os.PathLike | None = None,
         overrides: dict[str, Any] | None = None, publish: str | os.PathLike | None = None,
-        command: str = "", train: bool = True) -> dict[str, Any]:
+        command: str = "", train: bool = True, jobs: int = 1, address: str | None = None) -> dict[str, Any]:
     """Run (or resume) Table 1 for one task; write ``results.json`` and ``table1_<task>.md`` under ``out``.
 
     The summary covers every finished run of the job under ``out`` (methods run by earlier invocations
     too). With ``publish``, the same two files are also written there as ``table1_<task>.{json,md}`` (the
     ``table1`` preset; other presets: ``table1_<task>_<preset>``) and ``table1.md`` (all tasks) is rebuilt.
-    ``train=False`` only summarises the runs already finished (``--report-only``).
+    ``train=False`` only summarises the runs already finished (``--report-only``). ``jobs > 1`` or ``address``
+    runs the (method, run) pairs as Ray tasks (:func:`diffmpc.sweep.run_sweep`; in this process without Ray).
     """
     from tqdm import tqdm
 
     torch.set_num_threads(1)
+    jobs_n = jobs  # `jobs` below is the list of (method, run) pairs
     methods = list(methods or METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -659,6 +687,9 @@ def run(task: str, runs: int, out: str | os.PathLike, seed: int = 0, preset: str
     jobs = [(m, r) for m in methods for r in range(runs)] if train else []
     skipped = 0
     stop = StopRequest()
+    if train and (jobs_n > 1 or address is not None):
+        _sweep(config, jobs, out, jobs_n, address)
+        jobs = []
     with stop.installed(), tqdm(jobs, desc=f"table1 {task}", unit="run", dynamic_ncols=True) as bar:
         for m, r in bar:
             bar.set_description(f"table1 {task} {_run_name(m, r)}")
@@ -804,7 +835,8 @@ def _handler(args: argparse.Namespace) -> int:
     try:
         config_args = dict(task=args.task, runs=args.runs, out=Path(args.out), seed=args.seed,
                            preset=args.preset, methods=args.methods, iters=args.iters, cmu_path=args.cmu_path,
-                           overrides={"window": args.window, "batch": args.batch}, publish=args.publish)
+                           overrides={"window": args.window, "batch": args.batch}, publish=args.publish,
+                           jobs=args.jobs, address=args.address)
         payload = run(**config_args, command=_command_line(args), train=not args.report_only)
     except FileNotFoundError as err:  # the data file: a runtime failure (exit 1) with where we looked
         raise BadFileError(str(err)) from err
@@ -847,4 +879,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--publish", default=None, help="also write table1_<task>.{json,md} into this folder "
                    "(benchmarks/results for the committed copies)")
     p.add_argument("--report-only", action="store_true", help="train nothing; summarise the finished runs")
+    add_sweep_arguments(p, "(method, run) pairs in parallel (one CPU each) on a local Ray")
     p.set_defaults(handler=_handler)
