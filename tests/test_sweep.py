@@ -216,3 +216,19 @@ def test_sweep_command_runs_resumes_and_reports_a_failing_run(tmp_path, capsys):
     assert summary["runs"]["lr=3e-2"][key] == direct["runs"]["c=1/lyapunov"]["final_imitation_loss_mean"]
     assert main(argv) == 1
     assert "1 resumed" in capsys.readouterr().err
+
+
+def test_table1_tiny_preset_on_two_ray_workers_then_resumed_in_process(tmp_path):
+    """The issue's CI-sized check: `diffmpc table1 --preset tiny --runs 2 --jobs 2` runs its two runs as Ray
+    tasks into the same run files the sequential command uses; a rerun without Ray trains nothing."""
+    pytest.importorskip("ray")
+    from experiments import table1
+
+    first = table1.run("vdp", 2, tmp_path, preset="tiny", methods=["beuler_ift_cg"], jobs=2)
+    row = first["table"]["beuler_ift_cg"]
+    assert row["runs_finished"] == 2 and row["failed"] == 0
+    cfg = table1.make_config("vdp", "tiny")
+    records = sorted((cfg.run_dir(tmp_path) / "sweep").glob("*/run.json"))
+    assert [json.loads(p.read_text())["status"] for p in records] == ["finished", "finished"]
+    again = table1.run("vdp", 2, tmp_path, preset="tiny", methods=["beuler_ift_cg"])  # sequential: reads back
+    assert again["table"] == first["table"]
