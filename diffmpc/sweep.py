@@ -344,6 +344,13 @@ def run_sweep(
                 _run_here(pending, run_fn, out_dir, result, bar)
         except KeyboardInterrupt:
             result.interrupted = True
+            for t in pending:  # runs that ended before the interrupt but were not collected yet
+                if t.name not in result.finished and t.name not in result.failed:
+                    with contextlib.suppress(RunDirError):
+                        rec = _read_record(out_dir / t.name)
+                        if rec and rec.get("status") in ("finished", "failed") \
+                                and rec["config_hash"] == config_hash(t.config):
+                            _record(result, bar, rec)
             done = set(result.finished) | set(result.failed)
             result.cancelled = [t.name for t in pending if t.name not in done]
             raise

@@ -136,3 +136,21 @@ def test_cuda_lqr_imitation_matches_cpu():
     gpu = train(cfg, 1.0, "lyapunov", progress=False, device="cuda")
     np.testing.assert_allclose(gpu["A_hat"], cpu["A_hat"], rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(gpu["train_loss"], cpu["train_loss"], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
+    """The prepared GPU benchmark (benchmarks/gpu_check.py) in its CPU smoke mode: every section runs and
+    the JSON + markdown come out (slow: ~1-2 min of solves on a loaded 2-core machine)."""
+    import json
+
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--quick", "--skip-tests", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu_check_cpu_quick.json").read_text())
+    assert [r["batch"] for r in res["mpc_layer"]] == [8, 32]
+    assert all(r["converged"] == 1.0 and r["backward_ms"] > 0 for r in res["mpc_layer"])
+    assert [r["D"] for r in res["implicit_backward"]] == [1000, 10000]
+    assert all(r["backward_converged"] and r["cg_iters"] > 0 for r in res["implicit_backward"])
+    assert res["ifo_iteration"][0]["iteration_ms"] > 0
+    assert "MPC layer" in (tmp_path / "gpu_check_cpu_quick.md").read_text()
