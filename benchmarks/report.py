@@ -90,6 +90,13 @@ def read_ode(d: dict[str, Any]) -> str:
     return " ".join(out[:1]) + "\n\n" + "\n".join(f"* {s}" for s in out[1:]) + "\n"
 
 
+def _compare(a: float, b: float, tie: float = 0.1) -> str:
+    """'faster than' / 'slower than' / 'about as fast as' for times a vs b (within ``tie`` relative)."""
+    if abs(a - b) <= tie * max(a, b):
+        return "about as fast as"
+    return "faster than" if a < b else "slower than"
+
+
 def read_implicit(d: dict[str, Any]) -> str:
     by = {(r["D"], r["mode"]): r for r in d["rows"]}
     cg, dense, unroll = by.get((2000, "cg")), by.get((2000, "dense")), by.get((2000, "unroll"))
@@ -97,9 +104,8 @@ def read_implicit(d: dict[str, Any]) -> str:
         return ""
     s = (f"**Reading (generated).** At D = 2000 the CG backward takes {_ms(cg['backward_s'] * 1e3)}, dense "
          f"{_ms(dense['backward_s'] * 1e3)} ({dense['backward_s'] / cg['backward_s']:.0f}× CG), unrolling "
-         f"{_ms(unroll['backward_s'] * 1e3)} — unrolling is "
-         + ("faster" if unroll["backward_s"] < cg["backward_s"] else "slower")
-         + " than CG in time here; ")
+         f"{_ms(unroll['backward_s'] * 1e3)} — unrolling's backward is "
+         + _compare(unroll["backward_s"], cg["backward_s"]) + " CG's in time here; ")
     mem = d["meta"].get("memory_vs_iterations") or []
     cgm = [r["peak_MB"] for r in mem if r["mode"] == "cg"]
     unm = [r["peak_MB"] for r in mem if r["mode"] == "unroll"]
@@ -128,7 +134,8 @@ def headline(name: str, d: dict[str, Any]) -> str:
     if name == "implicit_backward":
         return f"CG backward {d['meta']['speedup_cg_vs_dense_D2000']:.0f}× faster than dense at D = 2000"
     if name == "dare_backward":
-        r = max((r for r in rows if isinstance(r.get("lyapunov/scipy_fwd"), float)), key=lambda r: r["n"])
+        timed = {r["n"]: r for r in rows if isinstance(r.get("lyapunov/scipy_fwd"), float)}
+        r = timed.get(64) or timed[max(timed)]
         return f"default (lyapunov) backward {r['lyapunov/scipy_fwd']:.2g}× scipy's forward at n = {r['n']}"
     if name == "expert_latency":
         best = min(rows, key=lambda r: r["ms_per_action"])
