@@ -433,13 +433,16 @@ class IfOTrainer:
         }
 
     def imitation_loss(self, x: Tensor, x_next: Tensor, horizon: int | None = None, seed: int = 0) -> float:
-        """The cost loss on given expert pairs with a fixed sampler seed (all samples; no gradient)."""
+        """The cost loss on given expert pairs with a fixed sampler seed (all samples; no gradient).
+
+        The fraction of these MPC solves that converged is kept in ``last_imitation_converged``."""
         dtype = _DTYPES[self.config.dtype]
         x = torch.as_tensor(x, dtype=dtype).to(self.device)
         x_next = torch.as_tensor(x_next, dtype=dtype).to(self.device)
         mpc = make_mpc(self.dynamics, self.cost, self.config, horizon=horizon, seed=seed, task=self.task)
-        with torch.no_grad(), quiet_convergence_warnings():
-            u, _ = mpc(x)
+        with torch.no_grad(), quiet_convergence_warnings():  # counted below instead of warned per solve
+            u, info = mpc(x)
+            self.last_imitation_converged = float(info.converged.double().mean())
             return float(normalized_error(self.dynamics(x, u[:, 0]), x_next, self.dynamics.out_scale).mean())
 
     # ------------------------------------------------------------------ Alg. 2

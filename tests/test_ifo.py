@@ -102,6 +102,7 @@ def test_ifo_trainer_learns_dynamics_and_reduces_the_imitation_loss(pairs):
     before = tr.imitation_loss(x[:200], xn[:200], horizon=2)
     summary = tr.run(progress=False)
     after = tr.imitation_loss(x[:200], xn[:200], horizon=2)
+    assert 0.0 <= tr.last_imitation_converged <= 1.0
     assert after < before - 0.01, (before, after)  # the IFT gradient through the MPC layer helps
     assert summary["iterations"] == 12
     assert [h["horizon"] for h in summary["history"]][:3] == [1, 2, 2]  # curriculum starts at H = 1
@@ -454,3 +455,33 @@ def test_bc_multistep_rollout_loss_needs_trajectories_and_learns(pairs):
     before = loss_on_a_fixed_batch()
     bc.run(progress=False)
     assert loss_on_a_fixed_batch() < 0.5 * before  # the 4-step rollout through the learned model improves
+
+
+def test_two_dimensional_actions_end_to_end():
+    """Nothing assumes a 1-D action: queries, learned model, MPC layer, BC and BCO with m = 2."""
+    from agents.bc import BCOConfig, BCOTrainer
+    from agents.task import Task
+
+    task = Task(3, 2, (-1.0, -2.0), (1.0, 2.0), (), None)
+
+    def sim(x, u):
+        return x + 0.1 * torch.stack([u[:, 0], u[:, 1], u[:, 0] - u[:, 1]], 1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    xn = sim(x, -x[:, :2].clamp(-1, 1))
+    cfg = replace(TINY, iterations=1, warmup_queries=256, warmup_steps=30)
+    tr = IfOTrainer(x, xn, cfg, seed=0, simulator=sim, task=task)
+    tr.run(progress=False)
+    u = tr.buffer[1]
+    assert u.shape[1] == 2 and float(u[:, 1].abs().max()) > 1.0  # the second box is [-2, 2]
+    agent = mpc_policy(tr.dynamics, tr.cost, cfg, task)
+    a = agent(x[:5])
+    assert a.shape == (5, 2) and bool((a[:, 0].abs() <= 1 + 1e-6).all())
+    bc = BCTrainer(x, xn, tr.dynamics, BC_PRESETS["tiny"], seed=0, task=task)
+    bc.run(progress=False)
+    assert bc.policy(x[:5]).shape == (5, 2)
+    bco_cfg = BCOConfig(queries=300, inverse_steps=20, policy_steps=20, batch=32)
+    bco = BCOTrainer(x, xn, sim, bco_cfg, task=task)
+    bco.run(progress=False)
+    assert bco.policy(x[:5]).shape == (5, 2)
