@@ -124,6 +124,31 @@ def table2() -> str:
     return md + "\n" + _source(path)
 
 
+def pendulum_ifo() -> str:
+    """``examples/pendulum_ifo.py`` on Pendulum-v1: return per policy over fixed seeds, gap to the expert, the
+    converged fraction of the MPC solves, wall time (``docs/figures/pendulum_ifo_results.json``)."""
+    path = FIGURES / "pendulum_ifo_results.json"
+    d = _load(path)
+    ev = d["evaluation"]
+    expert = ev["expert"]["mean_return"]
+    lines = ["| policy | return (mean ± s.e.) | vs expert | MPC plans converged |", "|---|---|---|---|"]
+    for name, r in ev.items():
+        gap = "" if name == "expert" else f"{100 * (r['mean_return'] - expert) / abs(expert):+.1f} %"
+        conv = r.get("converged_fraction")
+        conv = "–" if conv is None else f"{100 * conv:.1f} %"
+        lines.append(f"| {name} | {r['mean_return']:.1f} ± {r['return_stderr']:.1f} | {gap} | {conv} |")
+    seeds, t = ev["expert"]["seeds"], d["time_s"]
+    ifo_conv, solves = d["ifo_converged_fraction"], d["ifo_mpc_solves"]
+    steps = ev["expert"]["episode_lengths"][0]
+    lines += ["", f"{len(seeds)} episodes of {steps} steps (seeds {seeds[0]}–{seeds[-1]}). IfO training: "
+              f"{solves - d['ifo_mpc_unconverged']} of {solves} MPC solves converged (per iteration min "
+              f"{100 * min(ifo_conv):.0f} %). Wall time ({d['threads']} thread, shared machine): IfO "
+              f"{t['ifo'] / 60:.1f} min, BC {t['bc'] / 60:.1f} min, BCO {t['bco'] / 60:.1f} min, whole "
+              f"script {t['total'] / 60:.1f} min"
+              + (" (expert data reused from the first run)." if d.get("dataset_reused") else ".")]
+    return "\n".join(lines) + "\n\n" + _source(path, d.get("command"))
+
+
 def lqr_imitation() -> str:
     """Appx. C: final imitation / model loss (mean ± std over inits), backward time per damping and mode."""
     path = FIGURES / "lqr_imitation_summary.json"
@@ -181,6 +206,7 @@ def cli_help() -> str:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
+    "pendulum_ifo": pendulum_ifo,
     "bench_headlines": bench_headlines,
     "cli": cli_help,
     "kepler": kepler,
