@@ -149,6 +149,22 @@ def pendulum_ifo() -> str:
     return "\n".join(lines) + "\n\n" + _source(path, d.get("command"))
 
 
+def pendulum_ifo_diagnosis() -> str:
+    """``examples/pendulum_ifo_diagnose.py``: MPC_IFT with one learned part replaced by the truth."""
+    path = FIGURES / "pendulum_ifo_diagnosis.json"
+    d = _load(path)
+    lines = ["| MPC policy on | return (mean) | per episode |", "|---|---|---|"]
+    for name, r in d["evaluation"].items():
+        per = ", ".join(f"{v:.0f}" for v in r["episode_returns"])
+        lines.append(f"| {name} | {r['mean_return']:.1f} | {per} |")
+    target = ", ".join(f"{v:.3f}" for v in d["learned_target"])
+    weights = ", ".join(f"{v:.3f}" for v in d["learned_weights"])
+    err = ", ".join(f"{v:.3f}" for v in d["one_step_model_mean_abs_error"])
+    lines += ["", f"Learned cost: target φ̄ = ({target}), weights w = ({weights}) on (cos θ, sin θ, θ̇). "
+              f"One-step model error (mean |·| over 2000 random states and controls): ({err})."]
+    return "\n".join(lines) + "\n\n" + _source(path, d.get("command"))
+
+
 def lqr_imitation() -> str:
     """Appx. C: final imitation / model loss (mean ± std over inits), backward time per damping and mode."""
     path = FIGURES / "lqr_imitation_summary.json"
@@ -207,6 +223,7 @@ def cli_help() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "pendulum_ifo": pendulum_ifo,
+    "pendulum_ifo_diagnosis": pendulum_ifo_diagnosis,
     "bench_headlines": bench_headlines,
     "cli": cli_help,
     "kepler": kepler,
