@@ -45,6 +45,7 @@ __all__ = [
     "atomic_write",
     "write_results",
     "write_json",
+    "json_default",
     "save_checkpoint",
     "load_checkpoint",
     "check_state_dict",
@@ -98,7 +99,8 @@ def _umask() -> int:
     return mask
 
 
-def _jsonable(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dump(default=...)`` hook: tensors/arrays via ``tolist``, paths as strings."""
     if hasattr(o, "tolist"):
         return o.tolist()
     if isinstance(o, Path):
@@ -110,7 +112,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (tensors/arrays via ``tolist``)."""
 
     def write(fh: IO[str]) -> None:
-        json.dump(obj, fh, indent=2, default=_jsonable)
+        json.dump(obj, fh, indent=2, default=json_default)
         fh.write("\n")
 
     return atomic_write(path, write)

@@ -30,6 +30,15 @@ def _check_last(x: Tensor, n: int, what: str) -> None:
         raise ValueError(f"{what} must have last dimension {n}, got shape {tuple(x.shape)}")
 
 
+def _learnable_or_buffer(module: nn.Module, name: str, value: Tensor, learn: bool) -> None:
+    """Store ``value`` on ``module`` as a learnable parameter, or as a buffer (moves with ``.to()``, saved in
+    the state dict, no gradient)."""
+    if learn:
+        setattr(module, name, nn.Parameter(value))
+    else:
+        module.register_buffer(name, value)
+
+
 def _inv_softplus(y: Tensor) -> Tensor:
     return y + torch.log(-torch.expm1(-y))
 
@@ -219,11 +228,8 @@ class TargetStateCost(nn.Module):
         self.features = features
         self.normalize_weights = normalize_weights
         self.target = nn.Parameter(target.clone())
-        raw = torch.log(w) if normalize_weights else _inv_softplus(w)
-        if learn_weights:
-            self.w_raw = nn.Parameter(raw)
-        else:
-            self.register_buffer("w_raw", raw)
+        _learnable_or_buffer(self, "w_raw", torch.log(w) if normalize_weights else _inv_softplus(w),
+                             learn_weights)
 
     @property
     def weights(self) -> Tensor:
@@ -257,11 +263,7 @@ class SaturatingCost(nn.Module):
             raise ValueError("width must be positive")
         self.features = features
         self.target = nn.Parameter(target.clone())
-        raw = _inv_softplus(width_t)
-        if learn_width:
-            self.width_raw = nn.Parameter(raw)
-        else:
-            self.register_buffer("width_raw", raw)
+        _learnable_or_buffer(self, "width_raw", _inv_softplus(width_t), learn_width)
 
     @property
     def width(self) -> Tensor:

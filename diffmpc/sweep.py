@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadArgumentError, RunDirError
-from .io import run_lock, sigterm_as_interrupt, write_json
+from .io import json_default, run_lock, sigterm_as_interrupt, write_json
 
 __all__ = [
     "Task",
@@ -244,7 +244,7 @@ def _execute(run_fn: Callable[[dict[str, Any], RunContext], Any], task: Task, ou
         with open(run_dir / LOG_FILE, "a") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
             results = run_fn(config, ctx)
-        json.dumps(results, default=_jsonable)  # fail here, as this run's error, if not serialisable
+        json.dumps(results, default=json_default)  # fail here, as this run's error, if not serialisable
         rec = {**base, "status": "finished", "wall_s": time.perf_counter() - t0, "results": results}
     except KeyboardInterrupt:
         raise
@@ -257,14 +257,6 @@ def _execute(run_fn: Callable[[dict[str, Any], RunContext], Any], task: Task, ou
         ctx.flush()
     write_json(run_dir / RUN_FILE, rec)
     return rec
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # --------------------------------------------------------------------------------------------- the sweep
