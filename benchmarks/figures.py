@@ -63,6 +63,16 @@ FIGURES: dict[str, Figure] = {
         {"results.json": "table2_results.json", "table2.md": "table2.md", "fig3.gif": "fig3_swingup.gif",
          "trajectories.png": "fig3_trajectories.png"},
         minutes="~45 (10 IfO + BC training runs and their evaluation, 2 jobs)"),
+    "pendulum_ifo": Figure(
+        ["examples/pendulum_ifo.py", "--out", "{out}"],
+        {"results.json": "pendulum_ifo_results.json",
+         "pendulum_side_by_side.mp4": "pendulum_side_by_side.mp4"},
+        minutes="~25 (expert data, IfO + BC + BCO on Pendulum-v1, evaluation, video)"),
+    # reads the pendulum_ifo run above (run that entry first)
+    "pendulum_ifo_diagnosis": Figure(
+        ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo", "--out", "{out}"],
+        {"results.json": "pendulum_ifo_diagnosis.json"},
+        minutes="~5 (learned vs true cost and dynamics, swapped)"),
     "mpc_cartpole": Figure(
         ["examples/mpc_cartpole.py", "--seed", "0", "--out", "{out}"],
         {"mpc_cartpole.gif": "mpc_cartpole.gif"},
