@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     steps, batch, rounds = (10, 16, 1) if args.quick else (40, args.batch, args.rounds)
     load_before = os.getloadavg()
+    from benchmarks.common import Run
+
+    run = Run.start("benchmarks.mpc_casadi", argv)
     ipopt = IpoptMPC()
     ours = make_mpc(sampler=None, tol=TOL, max_iter=25)
     scorer = make_mpc(sampler=None)
@@ -369,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds are the comparable number; wall times are inflated by other jobs."
     )
     path = write_table(
-        "mpc_casadi", rows, meta, cols, title="Cart-pole MPC (H = 10): diffmpc vs CasADi + IPOPT", notes=notes
+        "mpc_casadi",
+        rows,
+        meta,
+        cols,
+        title="Cart-pole MPC (H = 10): diffmpc vs CasADi + IPOPT",
+        notes=notes,
+        run=run,
     )
     bcols = [
         "solver",

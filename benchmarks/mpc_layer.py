@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds = 1 if args.quick else args.rounds
     load_before = os.getloadavg()
+    from benchmarks.common import Run
+
+    run = Run.start("benchmarks.mpc_layer", argv)
     problem = make_problem(args.seed)
     mlp = _mlp(problem)
     x0 = problem["x0"]
@@ -397,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         title="MPC layer forward + backward, batch 64, H = 10, MLP dynamics, |u| ≤ 1 "
         "(equal solution quality)",
         notes=notes,
+        run=run,
     )
     print(path.read_text())
     return 0
