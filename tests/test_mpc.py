@@ -400,7 +400,7 @@ def test_gradient_equals_the_active_set_kkt_derivative_with_weakly_active_bounds
     x0 = torch.tensor([[0.3, -0.2]], dtype=DT)
     H = 8
     u_unc, _ = MPC(dyn, cost, H, -50.0, 50.0, params=[theta], sampler=None)(x0)
-    u_max = 0.97 * float(u_unc.detach().abs().max())  # just inside: the largest control(s) become weakly active
+    u_max = 0.97 * float(u_unc.detach().abs().max())  # the largest control(s): weakly active
     mpc = MPC(dyn, cost, H, -u_max, u_max, params=[theta], seed=0, n_samples=64)
     u, info = mpc(x0)
     assert bool(info.converged.all()) and 1 <= int(info.active.sum()) < H
