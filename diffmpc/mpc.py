@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from ._box_newton import BoxNewton
 from ._impl.linesearch import armijo, round_off_slack
+from ._impl.records import next_call_id
 from ._mpc_derivatives import autograd_derivatives, rollout, structured_derivatives
 from .implicit import ARGMIN_BACKWARDS, ConvergenceError, ConvergenceWarning, ImplicitInfo, argmin
 from .sampling import cem, random_shooting, shift_plan
@@ -487,6 +488,17 @@ class MPC(nn.Module):
         return autograd_derivatives(lambda v: self.horizon_cost(x0, v), u)
 
     def _check_model(self, x0: Tensor) -> None:
+        # Once per input signature: a shape probe on every call of a receding-horizon loop costs one more
+        # model evaluation per action for nothing.
+        key = (tuple(x0.shape), x0.dtype, x0.device, id(self.dynamics), id(self.cost))
+        checked = self.__dict__.setdefault("_checked_signatures", set())
+        if key in checked:
+            return
+        self._check_model_once(x0)
+        if len(checked) < 64:
+            checked.add(key)
+
+    def _check_model_once(self, x0: Tensor) -> None:
         with torch.no_grad():
             u = torch.zeros(x0.shape[0], self.action_dim, dtype=x0.dtype, device=x0.device)
             if self.bounded:
@@ -604,19 +616,35 @@ class MPC(nn.Module):
             if s.strict:
                 raise ConvergenceError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-        # Backward: diffmpc.argmin at u* on the masked objective (the forward solve is already done).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # reported above, in the units of u
-            u_out, iinfo = argmin(self.masked_objective, u_star, xb, active, bound, solver=_given,
-                                  backward=s.backward, tol=tol * math.sqrt(D), backward_tol=s.backward_tol,
-                                  backward_max_iter=s.backward_max_iter, damping=s.damping, strict=s.strict,
-                                  params=self.parameters_for_gradient(), return_info=True)
+        params = self.parameters_for_gradient()
+        if not (torch.is_grad_enabled() and (xb.requires_grad or any(p.requires_grad for p in params))):
+            # Nothing to differentiate (a policy acting, an evaluation): argmin would only re-probe the
+            # objective and re-evaluate ∇ at u* to attach a backward that never runs. Its info is built from
+            # the forward's own gradient instead: ∇ of the masked objective at u* is ∇J on the free controls
+            # and exactly 0 on the active ones (u* = b there).
+            residual = res.grad.masked_fill(active.reshape(B, D), 0).norm(dim=1)
+            itol = tol * math.sqrt(D)
+            iinfo = ImplicitInfo(residual, None, residual <= itol, itol, 1.0, "argmin", next_call_id())
+            u_out = u_star
+        else:
+            u_out, iinfo = self._attach_backward(xb, u_star, active, bound, tol, D, params)
         with torch.no_grad():
             final_cost = self.horizon_cost(x_det, u_star)
         info = MPCInfo(cost=final_cost, sample_cost=sample_cost, stationarity_residual=res.kkt,
                        converged=converged, forward_iterations=res.iterations, implicit=iinfo, tol=tol,
                        active=active, step=res.step)
         return u_out, info
+
+    def _attach_backward(self, xb, u_star, active, bound, tol, D, params) -> tuple[Tensor, ImplicitInfo]:
+        """Backward: diffmpc.argmin at u* on the masked objective (the forward solve is already done)."""
+        s = self.settings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # reported above, in the units of u
+            u_out, iinfo = argmin(self.masked_objective, u_star, xb, active, bound, solver=_given,
+                                  backward=s.backward, tol=tol * math.sqrt(D), backward_tol=s.backward_tol,
+                                  backward_max_iter=s.backward_max_iter, damping=s.damping, strict=s.strict,
+                                  params=params, return_info=True)
+        return u_out, iinfo
 
     def _forward_tanh(self, xb, x_det, u_start, sample_cost, low, high) -> tuple[Tensor, MPCInfo]:
         s = self.settings
