@@ -9,9 +9,9 @@ box-QP form of Tassa et al.'s control-limited DDP):
    convex. ``δ = max(μ, 10³·ε_mach·max|λ|)``: the second term only guards the factorisation, the floor
    that matters is the Levenberg–Marquardt / trust-region parameter ``μ``, which starts at 0 (pure Newton)
    and grows only when no step length decreases J, from ``μ₀ = 10⁻⁴·mean|diag ∇²J|``.
-2. **Box QP.** ``d = argmin gᵀd + ½ dᵀ H_mod d`` s.t. ``lo − u ≤ d ≤ hi − u``, by projected Newton on the
-   quadratic model: the free controls take the Newton step with the free block of H_mod, the clamped ones
-   stay on their bound; a few inner iterations identify the active set.
+2. **Box QP.** ``d = argmin gᵀd + ½ dᵀ H_mod d`` s.t. ``lo − u ≤ d ≤ hi − u``, solved exactly by a
+   primal active-set method (:func:`box_qp`): the free controls take the Newton step with the free block
+   of H_mod, the ones in the working set stay on their bound.
 3. **Step lengths.** ``P(u + α d)`` for ten α ∈ {4, 2, 1, …, 10⁻³} in *one batched evaluation*; among
    those that satisfy Armijo's condition (along the projected path) the lowest J is taken per sample.
 
