@@ -525,3 +525,34 @@ def test_box_qp_solves_ill_conditioned_box_qps_to_their_kkt_point():
 
     rand = lo + (hi - lo) * torch.rand(B, D, generator=gen, dtype=torch.float64)
     assert bool((q(d) <= q(rand)).all())
+
+
+def test_compile_rollout_rejects_non_bool():
+    with pytest.raises(TypeError, match="compile_rollout"):
+        MPC(lambda x, u: x + u, lambda x, u: (x * x).sum(-1), 3, -1.0, 1.0, compile_rollout="yes")
+
+
+@pytest.mark.slow
+def test_compiled_rollout_gives_the_eager_plan():
+    """``compile_rollout=True`` (gradient-free rollouts through torch.compile) reaches the same plan, the same
+    iterations and the same gradients as the eager layer (the backward stays eager)."""
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    Bm = torch.tensor([[0.0], [0.1]], dtype=torch.float64)
+
+    def dyn(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ A.T + u @ Bm.T)
+
+    def cost(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return (x * x).sum(-1) + 0.1 * (u * u).sum(-1)
+
+    x0 = torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64, requires_grad=True)
+    out = {}
+    for flag in (False, True):
+        mpc = MPC(dyn, cost, 4, -0.5, 0.5, seed=0, compile_rollout=flag)
+        u, info = mpc(x0)
+        (g,) = torch.autograd.grad(u.sum(), x0)
+        out[flag] = (u.detach(), info.forward_iterations, g)
+        assert bool(info.converged.all())
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-10, rtol=0)
+    assert torch.equal(out[True][1], out[False][1])
+    assert torch.allclose(out[True][2], out[False][2], atol=1e-8, rtol=0)
