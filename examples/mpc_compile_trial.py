@@ -6,7 +6,7 @@
 2. the step compiled inside the exact derivatives (reverse over reverse), or the error it raises.
 
 Prints one JSON line per trial.
-Run: ``OMP_NUM_THREADS=1 python -m benchmarks.mpc_compile_trial [--steps 12]``.
+Run: ``OMP_NUM_THREADS=1 python examples/mpc_compile_trial.py [--steps 12]``.
 """
 
 from __future__ import annotations
