@@ -6,7 +6,9 @@ The learner sees expert *states only* — consecutive pairs ``(x, x')`` — and 
 * a neural dynamics model ``h(x, u; θ_h)`` (:class:`diffmpc.nn.MLPDynamics` on angle features) by regression
   on triplets ``(x, u, F(x, u))`` with ``x`` drawn from the expert states and ``u ~ U(u_low, u_high)``;
 * a cost ``c(x; θ_c)`` (:class:`diffmpc.nn.TargetStateCost`: a learnable target ``φ̄`` in the feature
-  space ``φ(x)`` — for the cart-pole ``(x, ẋ, θ̇, sin θ, cos θ)`` — and learnable, normalised weights)
+  space ``φ(x)`` — for the cart-pole ``(x, ẋ, θ̇, sin θ, cos θ)`` — and learnable, normalised weights;
+  for an observation with ``(cos, sin)`` pairs, ``task.circle_dims``, :class:`CircleTargetCost` keeps each
+  pair's target on the unit circle with one weight)
   *through the MPC layer*: for a batch of expert pairs, ``u*(x) = MPC(x; θ_h, θ_c)`` (Eq. 5, solved to a
   stationary point), ``x̂ = h(x, u*_0)`` and
 
@@ -60,6 +62,7 @@ __all__ = [
     "IFO_PRESETS",
     "make_dynamics",
     "make_cost",
+    "CircleTargetCost",
     "make_mpc",
     "cartpole_simulator",
     "load_ifo_models",
@@ -88,6 +91,9 @@ class IfOConfig:
     cost_batch: int = 64
     cost_lr: float = 0.05
     target_init_std: float = 0.1  # θ_c init: target ~ N(0, std²) in feature space, uniform weights
+    # "random": the target above (an angle of a (cos, sin) pair: uniform); "expert_mean": the target starts at
+    # the mean of the expert's states (in feature space; a (cos, sin) pair: the direction of its mean)
+    cost_init: str = "random"
     # the MPC layer used for training (forward: sampler + Newton refinement; backward: IFT with CG)
     horizon: int = 10
     curriculum_iters: int = 50  # H grows linearly from 1 to `horizon` over these iterations
@@ -128,6 +134,7 @@ class IfOConfig:
                                   "eval_newton_iters"),
                      positive=("dyn_lr", "cost_lr", "tol"), nonneg=("target_init_std",))
         check_choice("IfOConfig.sampler", self.sampler, ("cem", "rs", None))
+        check_choice("IfOConfig.cost_init", self.cost_init, ("random", "expert_mean"))
         if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
             raise BadArgumentError(f"IfOConfig.hidden must be layer widths >= 1, got {self.hidden!r}")
 
@@ -202,12 +209,84 @@ def make_dynamics(cfg: IfOConfig, task: Task | None = None) -> MLPDynamics:
         _DTYPES[cfg.dtype])
 
 
-def make_cost(cfg: IfOConfig, generator: torch.Generator | None = None, task: Task | None = None
-              ) -> TargetStateCost:
-    """The learned cost: target ``φ̄ ~ N(0, target_init_std²)`` in feature space, uniform learnable weights."""
+class CircleTargetCost(torch.nn.Module):
+    r"""State-only cost for observations that embed angles as ``(cos φ, sin φ)`` pairs (``task.circle_dims``):
+
+    ``c(x) = Σ_p w_p ‖(x_i, x_j)_p − (cos φ̄_p, sin φ̄_p)‖² + Σ_k w_k (x_k − x̄_k)²``,
+
+    on a valid observation the pair term is ``2 w_p (1 − cos(φ − φ̄_p))``: monotone in ``|φ − φ̄_p|``. The
+    target of a pair is an angle (a valid point of the circle) and the pair has one weight. With a free
+    target ``(c̄, s̄)`` and two weights (:class:`diffmpc.nn.TargetStateCost` on the raw observation) the pair
+    term is ``(w_c − w_s) cos²φ − 2 (w_c c̄ cos φ + w_s s̄ sin φ) + const``: ``w_s > w_c`` adds a local
+    minimum at the opposite point, and a short target ``|(c̄, s̄)| < 1`` weakens the angle against the other
+    terms. Weights ``w = G·softmax(w_raw)`` over the ``G`` groups (as ``normalize_weights=True``).
+    ``target`` and ``weights`` are exposed per observation dim, like :class:`TargetStateCost`'s."""
+
+    def __init__(self, state_dim: int, circle_dims: tuple[tuple[int, int], ...], angle: Tensor,
+                 plain_target: Tensor) -> None:
+        super().__init__()
+        self.state_dim = state_dim
+        self.circle_dims = tuple(tuple(p) for p in circle_dims)
+        paired = {k for p in self.circle_dims for k in p}
+        self.plain_dims = tuple(k for k in range(state_dim) if k not in paired)
+        self.angle = torch.nn.Parameter(angle.clone())
+        self.plain_target = torch.nn.Parameter(plain_target.clone())
+        self.w_raw = torch.nn.Parameter(torch.zeros(len(self.circle_dims) + len(self.plain_dims),
+                                                    dtype=angle.dtype))
+
+    @property
+    def group_weights(self) -> Tensor:
+        return self.w_raw.numel() * torch.softmax(self.w_raw, 0)
+
+    @property
+    def target(self) -> Tensor:
+        t = [torch.zeros((), dtype=self.angle.dtype, device=self.angle.device)] * self.state_dim
+        for a, (i, j) in zip(self.angle, self.circle_dims, strict=True):
+            t[i], t[j] = torch.cos(a), torch.sin(a)
+        for v, k in zip(self.plain_target, self.plain_dims, strict=True):
+            t[k] = v
+        return torch.stack(t)
+
+    @property
+    def weights(self) -> Tensor:
+        g, w = self.group_weights, [None] * self.state_dim
+        for n, (i, j) in enumerate(self.circle_dims):
+            w[i] = w[j] = g[n]
+        for n, k in enumerate(self.plain_dims):
+            w[k] = g[len(self.circle_dims) + n]
+        return torch.stack(w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.state_dim:
+            raise ValueError(f"state x must end in {self.state_dim}, got shape {tuple(x.shape)}")
+        d = x - self.target
+        return (self.weights * d * d).sum(-1)
+
+
+def make_cost(cfg: IfOConfig, generator: torch.Generator | None = None, task: Task | None = None,
+              expert_states: Tensor | None = None) -> TargetStateCost | CircleTargetCost:
+    """The learned cost, uniform learnable weights; target ``φ̄ ~ N(0, target_init_std²)`` in feature space
+    (``cost_init="random"``) or the mean of ``expert_states`` (``"expert_mean"``). A task with
+    ``circle_dims`` gets a :class:`CircleTargetCost` (random init: each pair's angle uniform)."""
     task = task or CARTPOLE
     dtype = _DTYPES[cfg.dtype]
-    target = cfg.target_init_std * torch.randn(task.feature_dim, generator=generator, dtype=dtype)
+    mean = None
+    if cfg.cost_init == "expert_mean" and expert_states is not None:
+        mean = torch.as_tensor(expert_states, dtype=dtype).cpu()
+    if task.circle_dims:
+        plain = [k for k in range(task.state_dim) if k not in {i for p in task.circle_dims for i in p}]
+        if mean is None:
+            angle = (2 * torch.rand(len(task.circle_dims), generator=generator, dtype=dtype) - 1) * math.pi
+            plain_target = cfg.target_init_std * torch.randn(len(plain), generator=generator, dtype=dtype)
+        else:
+            m = mean.mean(0)
+            angle = torch.stack([torch.atan2(m[j], m[i]) for i, j in task.circle_dims])
+            plain_target = m[plain]
+        return CircleTargetCost(task.state_dim, task.circle_dims, angle, plain_target)
+    if mean is None:
+        target = cfg.target_init_std * torch.randn(task.feature_dim, generator=generator, dtype=dtype)
+    else:
+        target = task.features()(mean).mean(0)
     return TargetStateCost(target, learn_weights=True, normalize_weights=True, features=task.features())
 
 
@@ -288,7 +367,7 @@ class IfOTrainer:
         # Index/action draws stay on a CPU generator (reproducible on every device; small transfers).
         self.generator = torch.Generator().manual_seed(self.seed)
         self.dynamics = make_dynamics(cfg, self.task).to(self.device)
-        self.cost = make_cost(cfg, self.generator, self.task).to(self.device)
+        self.cost = make_cost(cfg, self.generator, self.task, self.x).to(self.device)
         self.dyn_opt = torch.optim.Adam(self.dynamics.parameters(), cfg.dyn_lr)
         self.cost_opt = torch.optim.Adam(self.cost.parameters(), cfg.cost_lr)
         self.buffer: tuple[Tensor, Tensor, Tensor] | None = None
@@ -521,7 +600,7 @@ class IfOModels(NamedTuple):
     """What an IfO checkpoint holds for its users: the learned modules, the settings and the task."""
 
     dynamics: MLPDynamics
-    cost: TargetStateCost
+    cost: TargetStateCost | CircleTargetCost
     config: IfOConfig
     task: Task
 
@@ -544,7 +623,7 @@ def load_ifo_checkpoint(path: str | Path) -> IfOModels:
     return IfOModels(dyn, cost, cfg, task)
 
 
-def load_ifo_models(path: str | Path) -> tuple[MLPDynamics, TargetStateCost, IfOConfig]:
+def load_ifo_models(path: str | Path) -> tuple[MLPDynamics, TargetStateCost | CircleTargetCost, IfOConfig]:
     """The learned dynamics and cost of an IfO checkpoint (for evaluation / BC); see
     :func:`load_ifo_checkpoint` for the task too."""
     return load_ifo_checkpoint(path)[:3]

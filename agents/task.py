@@ -8,7 +8,7 @@ cart-pole is :data:`CARTPOLE`.
 
 Declaring angles: ``Task.from_env("diffmpc/CartPoleSwingUp-v0", angle_dims=[2])`` ("dimension 2 is an
 angle"); an observation that already embeds its angle, like ``Pendulum-v1``'s ``(cos θ, sin θ, θ̇)``, has
-none: ``Task.from_env("Pendulum-v1")``.
+no raw angle; declare its ``(cos, sin)`` pair instead: ``Task.from_env("Pendulum-v1", circle_dims=[(0, 1)])``.
 
 The simulator query ``F(x (N, n), u (N, m)) -> x' (N, n)`` (a batched torch function) is *not* data: pass
 it to the trainer. :func:`simulator_for` returns the fast batched one for our envs, or steps the env
@@ -46,6 +46,10 @@ class Task:
     u_high: tuple[float, ...]
     angle_dims: tuple[int, ...] = ()
     env_id: str | None = None
+    # Pairs (i, j) of observation dims that hold (cos φ, sin φ) of one angle φ (Pendulum-v1: ((0, 1),)). The
+    # learned cost then keeps its target for the pair on the unit circle and gives the pair one weight: two
+    # free weights/targets would let the cost vary non-monotonically along the circle (see agents.ifo).
+    circle_dims: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.state_dim < 1 or self.action_dim < 1:
@@ -57,6 +61,15 @@ class Task:
         angles = tuple(int(i) for i in self.angle_dims)
         if len(set(angles)) != len(angles) or any(not 0 <= i < self.state_dim for i in angles):
             raise TaskError(f"angle_dims {angles} must be distinct indices in [0, {self.state_dim})")
+        pairs = tuple((int(i), int(j)) for i, j in self.circle_dims)
+        flat = [k for pair in pairs for k in pair]
+        if len(set(flat)) != len(flat) or any(not 0 <= k < self.state_dim for k in flat):
+            raise TaskError(f"circle_dims {pairs} must be disjoint (cos, sin) index pairs in "
+                            f"[0, {self.state_dim})")
+        if pairs and angles:
+            raise TaskError("declare angles either as angle_dims (raw angles) or as circle_dims ((cos, sin) "
+                            "pairs), not both")
+        object.__setattr__(self, "circle_dims", pairs)
         object.__setattr__(self, "u_low", low)
         object.__setattr__(self, "u_high", high)
         object.__setattr__(self, "angle_dims", angles)
@@ -93,19 +106,22 @@ class Task:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON / ``weights_only`` checkpoints)."""
         return {"state_dim": self.state_dim, "action_dim": self.action_dim, "u_low": list(self.u_low),
-                "u_high": list(self.u_high), "angle_dims": list(self.angle_dims), "env_id": self.env_id}
+                "u_high": list(self.u_high), "angle_dims": list(self.angle_dims), "env_id": self.env_id,
+                "circle_dims": [list(p) for p in self.circle_dims]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
         """Inverse of :meth:`to_dict`; a malformed entry raises :class:`TaskError`."""
         try:
             return cls(int(d["state_dim"]), int(d["action_dim"]), tuple(d["u_low"]), tuple(d["u_high"]),
-                       tuple(d.get("angle_dims", ())), d.get("env_id"))
+                       tuple(d.get("angle_dims", ())), d.get("env_id"),
+                       tuple(tuple(p) for p in d.get("circle_dims", ())))
         except (KeyError, TypeError) as err:
             raise TaskError(f"not a task description: {d!r} ({err})") from err
 
     @classmethod
-    def from_env(cls, env: Any, angle_dims: Sequence[int] = (), state_dim: int | None = None) -> Task:
+    def from_env(cls, env: Any, angle_dims: Sequence[int] = (), state_dim: int | None = None,
+                 circle_dims: Sequence[Sequence[int]] = ()) -> Task:
         """The task of a Gymnasium env (an instance, or a registered id): dimensions and bounds from its
         spaces (a vector env's ``single_*`` spaces). ``state_dim`` overrides the observation size when the
         recorded state is not the observation (our envs' ``info["state"]``)."""
@@ -125,7 +141,8 @@ class Task:
             spec = getattr(e, "spec", None)
             env_id = env if own else (spec.id if spec is not None else None)
             return cls(state_dim, int(act_space.shape[0]), tuple(act_space.low.tolist()),
-                       tuple(act_space.high.tolist()), tuple(angle_dims), env_id)
+                       tuple(act_space.high.tolist()), tuple(angle_dims), env_id,
+                       tuple(tuple(p) for p in circle_dims))
         finally:
             if own:
                 e.close()

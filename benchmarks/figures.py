@@ -67,7 +67,7 @@ FIGURES: dict[str, Figure] = {
         ["examples/pendulum_ifo.py", "--out", "{out}"],
         {"results.json": "pendulum_ifo_results.json",
          "pendulum_side_by_side.mp4": "pendulum_side_by_side.mp4"},
-        minutes="~25 (expert data, IfO + BC + BCO on Pendulum-v1, evaluation, video)"),
+        minutes="~15 (expert data ~11, IfO + BC + BCO on Pendulum-v1, evaluation, video)"),
     # reads the pendulum_ifo run above (run that entry first)
     "pendulum_ifo_diagnosis": Figure(
         ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo", "--out", "{out}"],

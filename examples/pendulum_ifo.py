@@ -9,7 +9,9 @@
    BCO (an inverse-dynamics model labels the expert's transitions, Torabi et al. 2018).
 4. Evaluation over fixed seeds in the Gymnasium loop (return = sum of rewards), a side-by-side video.
 
-The observation ``(cos θ, sin θ, θ̇)`` already embeds its angle, so the task declares no angle dimension.
+The observation ``(cos θ, sin θ, θ̇)`` already embeds its angle: the task declares the ``(cos, sin)`` pair
+(``circle_dims``), so the learned cost's target for it stays a point of the unit circle with one weight, and
+the cost starts at the mean expert state (``cost_init="expert_mean"``).
 
     python examples/pendulum_ifo.py --out runs/pendulum_ifo            # the full run (results.json, video)
     python examples/pendulum_ifo.py --out runs/pendulum_smoke --smoke  # seconds: the test suite's setting
@@ -63,6 +65,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--horizon", type=int, default=20, help="MPC horizon, steps of 0.05 s (swing-up ~ 1 s)")
     p.add_argument("--eval-seeds", type=int, default=10, help="evaluation episodes (seeds 1000, 1001, ...)")
     p.add_argument("--iterations", type=int, default=60, help="IfO cost iterations")
+    p.add_argument("--cost-init", choices=("expert_mean", "random"), default="expert_mean",
+                   help="where the learned cost's target starts (IfOConfig.cost_init)")
+    p.add_argument("--no-circle", action="store_true",
+                   help="ablation: do not declare the (cos, sin) pair (free target and two weights for it)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds): for the test suite")
     return p.parse_args(argv)
 
@@ -79,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- 1. expert data (states only)
     env = make_env()
-    task = Task.from_env(env)  # state_dim 3, action_dim 1, |u| <= 2, no angle dims: (cos, sin, θ̇)
+    # state_dim 3, action_dim 1, |u| <= 2; observation (cos θ, sin θ, θ̇): one (cos, sin) pair
+    task = Task.from_env(env, circle_dims=[] if args.no_circle else [(0, 1)])
     n_samples = 32 if args.smoke else 200
     expert = MPCPolicy(dynamics=pendulum_step, cost=pendulum_cost, horizon=args.horizon, env=env,
                        refine=False, sampler="cem", n_samples=n_samples, cem_iterations=4, seed=args.seed)
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = IfOConfig(hidden=(64, 64), warmup_queries=20000, warmup_steps=2000, iterations=args.iterations,
                     cost_batch=32, horizon=args.horizon, curriculum_iters=max(1, args.iterations // 2),
                     n_samples=100, cem_iterations=3, newton_iters=20, eval_samples=200, eval_cem_iterations=4,
-                    eval_newton_iters=3, checkpoint_every=10)
+                    eval_newton_iters=3, checkpoint_every=10, cost_init=args.cost_init)
     if args.smoke:
         cfg = replace(cfg, hidden=(16, 16), warmup_queries=500, warmup_steps=50, iterations=2, cost_batch=8,
                       horizon=3, curriculum_iters=1, n_samples=16, cem_iterations=1, newton_iters=3,

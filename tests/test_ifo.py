@@ -16,9 +16,19 @@ import envs
 from agents.bc import BC_PRESETS, BCTrainer
 from agents.dataset import load_dataset
 from agents.evaluation import evaluate_policy, expert_policy, mpc_policy, rollout, start_states
-from agents.ifo import IFO_PRESETS, IfOConfig, IfOTrainer, load_ifo_models
+from agents.ifo import (
+    IFO_PRESETS,
+    CircleTargetCost,
+    IfOConfig,
+    IfOTrainer,
+    load_ifo_checkpoint,
+    load_ifo_models,
+    make_cost,
+)
+from agents.task import Task, TaskError
 from agents.training import CheckpointError, load_checkpoint, save_checkpoint
 from diffmpc.cli import main as cli_main
+from diffmpc.errors import BadArgumentError
 from diffmpc.nn import AngleFeatures, MLPDynamics, TargetStateCost
 from experiments.table2 import aggregate_runs, make_policy, table2_markdown
 
@@ -385,6 +395,9 @@ def test_pendulum_example_smoke(tmp_path):
     assert saved["task"]["state_dim"] == 3 and len(saved["ifo_converged_fraction"]) == 2
     assert 0.0 <= saved["evaluation"]["MPC_IFT"]["converged_fraction"] <= 1.0
     assert (tmp_path / "pendulum_side_by_side.mp4").stat().st_size > 0
+    assert saved["task"]["circle_dims"] == [[0, 1]]  # the (cos, sin) pair: cost target on the circle
+    _, cost, _, task = load_ifo_checkpoint(tmp_path / "ifo" / "ifo_checkpoint.pt")
+    assert task.circle_dims == ((0, 1),) and abs(float(cost.target.detach()[:2].norm()) - 1.0) < 1e-12
 
 
 def test_bco_inverse_model_labels_the_true_controls():
@@ -485,3 +498,53 @@ def test_two_dimensional_actions_end_to_end():
     bco = BCOTrainer(x, xn, sim, bco_cfg, task=task)
     bco.run(progress=False)
     assert bco.policy(x[:5]).shape == (5, 2)
+
+
+def test_circle_target_cost_is_the_angle_cost_on_valid_observations():
+    """On (cos φ, sin φ, v) the cost is 2 w_p (1 − cos(φ − φ̄)) + w_v (v − v̄)² (monotone in |φ − φ̄|), and its
+    gradients in the parameters match finite differences (float64 gradcheck)."""
+    g = torch.Generator().manual_seed(0)
+    cost = CircleTargetCost(3, ((0, 1),), torch.tensor([0.7], dtype=torch.float64),
+                            torch.tensor([0.3], dtype=torch.float64))
+    with torch.no_grad():
+        cost.w_raw.copy_(torch.tensor([0.4, -0.2], dtype=torch.float64))
+    phi, v = torch.rand(50, generator=g, dtype=torch.float64) * 6 - 3, torch.randn(50, generator=g).double()
+    x = torch.stack([phi.cos(), phi.sin(), v], 1)
+    w = 2 * torch.softmax(cost.w_raw.detach(), 0)
+    expected = 2 * w[0] * (1 - torch.cos(phi - 0.7)) + w[1] * (v - 0.3) ** 2
+    torch.testing.assert_close(cost(x).detach(), expected)
+    assert torch.allclose(cost.target.detach()[:2], torch.tensor([math.cos(0.7), math.sin(0.7)]).double())
+    assert cost.weights[0] == cost.weights[1]  # one weight for the pair
+
+    def f(angle, plain, w_raw):
+        c = CircleTargetCost(3, ((0, 1),), angle.detach(), plain.detach())
+        del c.angle, c.plain_target, c.w_raw
+        c.angle, c.plain_target, c.w_raw = angle, plain, w_raw
+        return c(x)
+
+    params = (torch.tensor([0.7]).double().requires_grad_(), torch.tensor([0.3]).double().requires_grad_(),
+              torch.tensor([0.4, -0.2]).double().requires_grad_())
+    assert torch.autograd.gradcheck(f, params)
+
+
+def test_circle_task_and_expert_mean_cost_init():
+    """circle_dims round-trip and are validated; cost_init="expert_mean" starts the target at the expert's
+    mean state (a (cos, sin) pair: the direction of its mean), "random" keeps the pair on the circle too."""
+    t = Task.from_env("Pendulum-v1", circle_dims=[(0, 1)])
+    assert Task.from_dict(t.to_dict()) == t and t.circle_dims == ((0, 1),)
+    assert Task.from_dict({k: v for k, v in t.to_dict().items() if k != "circle_dims"}).circle_dims == ()
+    with pytest.raises(TaskError, match="circle_dims"):
+        Task.from_env("Pendulum-v1", circle_dims=[(0, 3)])
+    with pytest.raises(TaskError, match="not both"):
+        Task.from_env("Pendulum-v1", circle_dims=[(0, 1)], angle_dims=[2])
+    with pytest.raises(BadArgumentError, match="cost_init"):
+        IfOConfig(cost_init="zero")
+    states = torch.tensor([[0.0, 2.0, 1.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
+    cost = make_cost(IfOConfig(cost_init="expert_mean"), task=t, expert_states=states)
+    torch.testing.assert_close(cost.target.detach(), torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    rnd = make_cost(IfOConfig(), torch.Generator().manual_seed(1), task=t)
+    assert abs(float(rnd.target.detach()[:2].norm()) - 1.0) < 1e-12
+    plain = make_cost(IfOConfig(cost_init="expert_mean"), task=Task.from_env("Pendulum-v1"),
+                      expert_states=states)
+    assert isinstance(plain, TargetStateCost)
+    torch.testing.assert_close(plain.target.detach(), states.mean(0))
