@@ -37,6 +37,8 @@ MODES: dict[str, tuple[list[str], list[str]]] = {
     "mpc_casadi": (["--quick"], []),
     # quick: 2 repeats instead of 6; full also times torch.compile (minutes of compilation)
     "expert_latency": (["--quick"], ["--compile"]),
+    # quick: only the quick preset's Newton budget (20); default: budgets 20 and 100 (two short IfO trainings)
+    "ifo_convergence": (["--quick"], []),
     # quick: 10 NODE initialisations instead of the paper's 100 (both: mu in {1, 3, 10, 30})
     "ode_backward": (["--quick"], []),
 }
