@@ -63,6 +63,7 @@ from ._box_newton import BoxNewton
 from ._impl.linesearch import armijo, round_off_slack
 from ._impl.records import next_call_id
 from ._mpc_derivatives import autograd_derivatives, rollout, structured_derivatives
+from .backward import LinearSolve, Unroll
 from .implicit import ARGMIN_BACKWARDS, ConvergenceError, ConvergenceWarning, ImplicitInfo, argmin
 from .sampling import cem, random_shooting, shift_plan
 from .solvers import LBFGS, NewtonCG, default_tol
@@ -93,11 +94,11 @@ class MPCSettings:
     n_samples: int
     cem_iterations: int
     n_elites: int
-    backward: str
+    backward: str | LinearSolve | Unroll
     tol: float | None
     backward_tol: float | None
     backward_max_iter: int | None
-    damping: float
+    damping: float | None
     bound_reg: float
     strict: bool
     bounds: str = "box"
@@ -294,7 +295,7 @@ class MPC(nn.Module):
         n_samples: int = 256,
         cem_iterations: int = 4,
         n_elites: int | None = None,
-        backward: str = "cg",
+        backward: str | LinearSolve | Unroll = "cg",
         tol: float | None = None,
         step_tol: float | None = None,
         backward_tol: float | None = None,
@@ -344,8 +345,11 @@ class MPC(nn.Module):
                              "Hessian); use cost_on='next' or a cost c(x, u)")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose 'rs', 'cem' or None")
-        if backward not in ARGMIN_BACKWARDS:
+        if isinstance(backward, str) and backward not in ARGMIN_BACKWARDS:
             raise ValueError(f"unknown backward {backward!r}; choose one of {ARGMIN_BACKWARDS}")
+        if not isinstance(backward, (str, LinearSolve, Unroll)):
+            raise TypeError(f"backward must be a name in {ARGMIN_BACKWARDS} or a diffmpc.backward strategy "
+                            f"(CG(), MINRES(), Dense(), ...), got {type(backward).__name__}")
         if n_samples < 1 or cem_iterations < 1:
             raise ValueError("n_samples and cem_iterations must be >= 1")
         if bound_reg < 0:
@@ -365,7 +369,8 @@ class MPC(nn.Module):
         if solver != "newton" and bounds == "box" and low is not None:
             raise ValueError(f"solver={solver!r} cannot handle box constraints; use the default "
                              "solver='newton' (projected Newton) or bounds='tanh'")
-        if backward == "unroll" and solver == "newton" and (bounds == "box" or low is None):
+        unroll = backward == "unroll" or isinstance(backward, Unroll)
+        if unroll and solver == "newton" and (bounds == "box" or low is None):
             raise ValueError("backward='unroll' needs an unrollable solver: solver='newton-cg' (with "
                              "bounds='tanh' if the controls are bounded)")
         self.dynamics = dynamics
@@ -375,7 +380,9 @@ class MPC(nn.Module):
             horizon=horizon, action_dim=m, cost_on=cost_on, state_only_cost=state_only, solver=solver,
             sampler=sampler, n_samples=n_samples, cem_iterations=cem_iterations,
             n_elites=n_elites if n_elites is not None else max(1, n_samples // 10), backward=backward,
-            tol=tol, backward_tol=backward_tol, backward_max_iter=backward_max_iter, damping=damping,
+            tol=tol, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            # a strategy object carries its own damping; the keyword's default (0) must then stay unset
+            damping=None if not isinstance(backward, str) and damping == 0.0 else damping,
             bound_reg=bound_reg, strict=strict, bounds=bounds, derivatives=derivatives, step_tol=step_tol,
             compile_rollout=compile_rollout)
         self._max_iter = max_iter

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from diffmpc import MPC, ConvergenceError, ConvergenceWarning, record_backward
+from diffmpc import CG, MINRES, MPC, ConvergenceError, ConvergenceWarning, record_backward
 from diffmpc.nn import MLPDynamics, QuadraticCost, SaturatingCost, TargetStateCost
 from diffmpc.sampling import cem, random_shooting, shift_plan
 
@@ -54,8 +54,10 @@ def riccati_plan(A, B, q, r, x0, H):
 
 
 @pytest.mark.parametrize("bounded", [False, True])
-@pytest.mark.parametrize("backward", ["cg", "dense"])
+@pytest.mark.parametrize("backward", ["cg", "dense", "CG-object", "MINRES-object"])
 def test_lq_matches_riccati_plan_and_gradients(bounded, backward):
+    # strategy objects (diffmpc.backward) pass through the MPC layer like their string names
+    backward = {"CG-object": CG(tol=1e-12), "MINRES-object": MINRES(tol=1e-12)}.get(backward, backward)
     H, n, m = 6, 3, 2
     A, B, q, r, dyn, cost, terminal = lq_problem(n, m)
     x0 = torch.randn(5, n, dtype=DT, generator=torch.Generator().manual_seed(1)).requires_grad_()
