@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import git_state
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -217,14 +219,6 @@ def ifo_iteration(device: torch.device, preset: str, repeat: int, budget: Budget
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
     def fmt(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
@@ -289,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res: dict[str, Any] = {
         "command": "python -m benchmarks.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": _git_commit(), "loadavg_before": load, "torch": torch.__version__,
+        "git_commit": git_state()["commit"], "loadavg_before": load, "torch": torch.__version__,
         "cuda_version": torch.version.cuda, "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -205,18 +204,6 @@ def _ours_solve(mpc, x0: np.ndarray, guess: np.ndarray) -> dict:
     }
 
 
-def _git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -333,11 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     batch_rows[0]["cpu_ratio_vs_ipopt"] = batch_rows[0]["cpu_s"] / batch_rows[1]["cpu_s"]
     batch_rows[1]["cpu_ratio_vs_ipopt"] = 1.0
 
-    from benchmarks.common import RESULTS, write_table
+    from benchmarks.common import RESULTS, git_state, write_table
 
     meta = {
         "command": "python -m benchmarks.mpc_casadi " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": _git_commit(),
+        "git_commit": git_state()["commit"],
         "threads": torch.get_num_threads(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),

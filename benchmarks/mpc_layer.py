@@ -217,18 +217,6 @@ def score(scorer, x0: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torc
     return J, kkt_residual(uc.reshape(u.shape[0], -1), g, -one, one)
 
 
-def _git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -243,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if not BENCH_PY.exists():
         print(f"anchor missing: {BENCH_PY} (run `make bench-venv`)", file=sys.stderr)
         return 1
-    from benchmarks.common import write_table
+    from benchmarks.common import git_state, write_table
     from diffmpc import MPC
 
     rounds = 1 if args.quick else args.rounds
@@ -347,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     u_lq, g_lq = ours_lq(problem)
     meta = {
         "command": "python -m benchmarks.mpc_layer " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": _git_commit(),
+        "git_commit": git_state()["commit"],
         "threads": torch.get_num_threads(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
