@@ -81,16 +81,7 @@ class BCPolicy(nn.Module):
         task = task or CARTPOLE
         self.task = task
         self.features = task.features()
-        sizes = [self.features.out_dim, *hidden, task.action_dim]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.Tanh())
-        self.net = nn.Sequential(*layers)
-        low, high = task.bounds()
-        self.register_buffer("u_mid", (high + low) / 2)
-        self.register_buffer("u_half", (high - low) / 2)
+        _tanh_mlp_into_box(self, self.features.out_dim, hidden, task)
 
     def forward(self, x: Tensor) -> Tensor:
         p = next(self.parameters())
@@ -309,16 +300,7 @@ class _BoxMLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden: tuple[int, ...], task: Task) -> None:
         super().__init__()
-        sizes = [in_dim, *hidden, task.action_dim]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.Tanh())
-        self.net = nn.Sequential(*layers)
-        low, high = task.bounds()
-        self.register_buffer("u_mid", (high + low) / 2)
-        self.register_buffer("u_half", (high - low) / 2)
+        _tanh_mlp_into_box(self, in_dim, hidden, task)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.u_mid + self.u_half * torch.tanh(self.net(z))
@@ -457,3 +439,18 @@ def load_bco_policy(path: str | Path) -> BCPolicy:
 
 _BCO_SCHEMA = {"config": dict, "task": dict, "seed": int, "stage": int, "inverse": dict, "policy": dict,
                "generator": (None,), "history": dict, "elapsed": float}
+
+
+def _tanh_mlp_into_box(module: nn.Module, in_dim: int, hidden: tuple[int, ...], task: Task) -> None:
+    """Give ``module`` an MLP ``net`` (tanh hidden layers, in_dim → task.action_dim) and the buffers
+    ``u_mid``/``u_half`` of the task's action box, for ``u = mid + half·tanh(net(·))``."""
+    sizes = [in_dim, *hidden, task.action_dim]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    module.net = nn.Sequential(*layers)
+    low, high = task.bounds()
+    module.register_buffer("u_mid", (high + low) / 2)
+    module.register_buffer("u_half", (high - low) / 2)
