@@ -67,8 +67,8 @@ class BCConfig:
 
 
 BC_PRESETS = {
-    "quick": BCConfig(),
-    "paper": BCConfig(hidden=(128, 128), steps=10000),
+    "quick": BCConfig(rollout_steps=5),  # the strongest states-only BC we found (docs/table2.md)
+    "paper": BCConfig(hidden=(128, 128), steps=10000, rollout_steps=5),
     "tiny": BCConfig(hidden=(16, 16), steps=40, batch=32, checkpoint_every=10),
 }
 
