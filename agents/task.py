@@ -61,11 +61,16 @@ class Task:
         angles = tuple(int(i) for i in self.angle_dims)
         if len(set(angles)) != len(angles) or any(not 0 <= i < self.state_dim for i in angles):
             raise TaskError(f"angle_dims {angles} must be distinct indices in [0, {self.state_dim})")
-        pairs = tuple((int(i), int(j)) for i, j in self.circle_dims)
+        pairs = _index_pairs(self.circle_dims)
         flat = [k for pair in pairs for k in pair]
-        if len(set(flat)) != len(flat) or any(not 0 <= k < self.state_dim for k in flat):
-            raise TaskError(f"circle_dims {pairs} must be disjoint (cos, sin) index pairs in "
-                            f"[0, {self.state_dim})")
+        outside = sorted({k for k in flat if not 0 <= k < self.state_dim})
+        if outside:
+            raise TaskError(f"circle_dims {pairs}: index {outside[0]} is out of range; a state of dimension "
+                            f"{self.state_dim} has indices 0 … {self.state_dim - 1}")
+        repeated = sorted({k for k in flat if flat.count(k) > 1})
+        if repeated:
+            raise TaskError(f"circle_dims {pairs}: index {repeated[0]} appears more than once; each "
+                            "(cos, sin) pair needs two dimensions of its own")
         if pairs and angles:
             raise TaskError("declare angles either as angle_dims (raw angles) or as circle_dims ((cos, sin) "
                             "pairs), not both")
@@ -142,10 +147,23 @@ class Task:
             env_id = env if own else (spec.id if spec is not None else None)
             return cls(state_dim, int(act_space.shape[0]), tuple(act_space.low.tolist()),
                        tuple(act_space.high.tolist()), tuple(angle_dims), env_id,
-                       tuple(tuple(p) for p in circle_dims))
+                       circle_dims)  # validated by __post_init__
         finally:
             if own:
                 e.close()
+
+
+def _index_pairs(pairs: Any) -> tuple[tuple[int, int], ...]:
+    """``[(i, j), ...]`` as a tuple of int pairs; anything else raises :class:`TaskError`."""
+    try:
+        out = tuple(tuple(int(k) for k in p) for p in pairs)
+    except (TypeError, ValueError) as err:
+        raise TaskError(f"circle_dims must be (cos, sin) index pairs like [(0, 1)], got {pairs!r}") from err
+    bad = [p for p in out if len(p) != 2]
+    if bad:
+        raise TaskError(f"circle_dims must be (cos, sin) index pairs like [(0, 1)], got {bad[0]} "
+                        f"({len(bad[0])} indices)")
+    return out  # type: ignore[return-value]
 
 
 def _make(env_id: str) -> Any:

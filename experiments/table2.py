@@ -19,6 +19,7 @@ cluster; without Ray installed, one after another in this process).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import time
@@ -79,16 +80,20 @@ def _variances(which: str) -> dict[str, float]:
     return {which: START_VARIANCES[which]}
 
 
-def task_of_dataset(meta: dict[str, Any], angle_dims: list[int] | None = None) -> Any:
+def task_of_dataset(meta: dict[str, Any], angle_dims: list[int] | None = None,
+                    circle_dims: list[tuple[int, int]] | None = None) -> Any:
     """The :class:`agents.task.Task` of a dataset: its env's spaces and the recorded state dimension; the
-    cart-pole's angle (dimension 2) unless ``angle_dims`` says otherwise."""
+    cart-pole's angle (dimension 2) unless ``angle_dims`` or ``circle_dims`` (``(cos, sin)`` observation
+    pairs, e.g. ``[(0, 1)]`` for Pendulum-v1) say otherwise. Bad dims raise :class:`agents.task.TaskError`
+    naming the index."""
     import envs
     from agents.task import CARTPOLE, Task
 
     env_id = meta.get("env_id") or envs.CARTPOLE_ID
-    if env_id == envs.CARTPOLE_ID and angle_dims is None:
+    if env_id == envs.CARTPOLE_ID and angle_dims is None and not circle_dims:
         return CARTPOLE
-    return Task.from_env(env_id, angle_dims or (), state_dim=meta.get("state_dim"))
+    return Task.from_env(env_id, angle_dims or (), state_dim=meta.get("state_dim"),
+                         circle_dims=circle_dims or ())
 
 
 def train_ifo(
@@ -101,21 +106,27 @@ def train_ifo(
     overwrite: bool = False,
     angle_dims: list[int] | None = None,
     device: str | None = None,
+    circle_dims: list[tuple[int, int]] | None = None,
+    cost_init: str | None = None,
 ) -> dict[str, Any]:
     """Alg. 2 on the dataset's expert pairs on ``device``; checkpoint and ``results.json`` under ``out``.
 
     A checkpoint already under ``out`` is continued (``resume``) only if it was trained on the same dataset
-    file (SHA-256), config and seed; without ``resume`` it is refused unless ``overwrite``. Any env whose
-    state can be set (``reset(options={"state": x})``) works; its task comes from the dataset's metadata
-    (:func:`task_of_dataset`)."""
+    file (SHA-256), config, task and seed; without ``resume`` it is refused unless ``overwrite``. Any env
+    whose state can be set (``reset(options={"state": x})``) works; its task comes from the dataset's
+    metadata and ``angle_dims``/``circle_dims`` (:func:`task_of_dataset`) and is stored in the checkpoint,
+    so evaluation and BC load it back without them. ``cost_init`` overrides the preset's
+    :attr:`agents.ifo.IfOConfig.cost_init`."""
+    from dataclasses import replace
+
     from agents.ifo import IFO_PRESETS, IfOTrainer
     from diffmpc.io import refuse_overwrite, write_results
 
     refuse_overwrite(Path(out) / "ifo_checkpoint.pt", resume, overwrite)
     x, xn, meta = _pairs(dataset)
-    trainer = IfOTrainer(x, xn, IFO_PRESETS[preset], seed=seed, out=Path(out),
-                         provenance=dataset_identity(dataset), task=task_of_dataset(meta, angle_dims),
-                         device=device)
+    cfg = IFO_PRESETS[preset] if cost_init is None else replace(IFO_PRESETS[preset], cost_init=cost_init)
+    trainer = IfOTrainer(x, xn, cfg, seed=seed, out=Path(out), provenance=dataset_identity(dataset),
+                         task=task_of_dataset(meta, angle_dims, circle_dims), device=device)
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train ifo",
@@ -191,16 +202,17 @@ def train_bco(
     progress: bool = True,
     overwrite: bool = False,
     angle_dims: list[int] | None = None,
+    circle_dims: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """BCO (inverse-dynamics labels, then supervised BC) on the dataset's expert pairs, querying the
-    simulator as IfO does; results under ``out``."""
+    simulator as IfO does; results under ``out`` (the task, as for :func:`train_ifo`, in the checkpoint)."""
     from agents.bc import BCO_PRESETS, BCOTrainer
     from agents.task import simulator_for
     from diffmpc.io import refuse_overwrite, write_results
 
     refuse_overwrite(Path(out) / "bco_checkpoint.pt", resume, overwrite)
     x, xn, meta = _pairs(dataset)
-    task = task_of_dataset(meta, angle_dims)
+    task = task_of_dataset(meta, angle_dims, circle_dims)
     trainer = BCOTrainer(x, xn, simulator_for(task), BCO_PRESETS[preset], seed=seed, out=Path(out),
                          task=task, provenance=dataset_identity(dataset))
     summary = trainer.run(progress=progress, resume=resume)
@@ -523,16 +535,20 @@ def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_he
 
 def _cmd_train(args: Any) -> int:
     device = str(resolve_device(args.device))
+    if args.what != "ifo" and args.cost_init is not None:
+        raise BadArgumentError(f"--cost-init is an IfO setting (the learned cost's start); train "
+                               f"{args.what} has no learned cost")
     if args.what == "ifo":
         s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
-                      overwrite=args.overwrite, angle_dims=args.angle_dims, device=device)
+                      overwrite=args.overwrite, angle_dims=args.angle_dims, device=device,
+                      circle_dims=args.circle_dims, cost_init=args.cost_init)
         print(
             f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
             f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
         )
     elif args.what == "bco":
         s = train_bco(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
-                      overwrite=args.overwrite, angle_dims=args.angle_dims)
+                      overwrite=args.overwrite, angle_dims=args.angle_dims, circle_dims=args.circle_dims)
         print(f"BCO: inverse-dynamics loss {s['inverse_loss_final']:.4g}, policy loss "
               f"{s['policy_loss_final']:.4g} in {s['elapsed_s']:.0f} s -> {args.out}")
     else:
@@ -540,6 +556,9 @@ def _cmd_train(args: Any) -> int:
             raise BadArgumentError(
                 "train bc needs --dynamics IFO_DIR (the learned model BC maps its controls through)"
             )
+        if args.angle_dims is not None or args.circle_dims is not None:
+            raise BadArgumentError("train bc takes its task (angles, (cos, sin) pairs) from the --dynamics "
+                                   "checkpoint; drop --angle-dims/--circle-dims (train ifo records them)")
         s = train_bc(
             args.dataset, args.out, args.dynamics, args.preset, args.seed, args.resume, not args.no_progress,
             overwrite=args.overwrite, rollout_steps=args.rollout_steps, hidden=args.hidden, steps=args.steps,
@@ -554,6 +573,17 @@ def _cmd_train(args: Any) -> int:
 
 def _int_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _index_pair(text: str) -> tuple[int, int]:
+    """``I,J`` -> ``(I, J)`` (argparse reports anything else as a usage error)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pair I,J of dimensions (cos, sin)")
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pair I,J of integer dimensions") from None
 
 
 def _cmd_evaluate(args: Any) -> int:
@@ -632,8 +662,8 @@ def register(subparsers: Any) -> None:
     """Add the ``train``, ``evaluate``, ``render``, ``table2`` and ``demo`` subcommands."""
     t = subparsers.add_parser(
         "train",
-        help="train an imitation-from-observation agent (ifo) or BC (bc)",
-        description="Train MPC_IFT (paper Alg. 2) or the BC baseline on expert states.",
+        help="train an imitation-from-observation agent (ifo) or a baseline (bc, bco)",
+        description="Train MPC_IFT (paper Alg. 2) or the BC / BCO baselines on expert states.",
     )
     t.add_argument("what", choices=("ifo", "bc", "bco"))
     t.add_argument("--dataset", required=True, help="expert dataset (.npz from `diffmpc dataset`)")
@@ -643,13 +673,22 @@ def register(subparsers: Any) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint under --out")
     t.add_argument("--overwrite", action="store_true", help="discard a checkpoint under --out, start afresh")
     t.add_argument("--rollout-steps", type=int, default=None,
-                   help="bc: k-step rollout loss through the learned model (default: the preset's, 1)")
+                   help="bc: k-step rollout loss through the learned model (default: the preset's; 5 for "
+                        "quick and paper, 1 for tiny)")
     t.add_argument("--hidden", type=lambda v: tuple(_int_list(v)), default=None, metavar="W,W",
                    help="bc: hidden layer widths (default: the preset's)")
     t.add_argument("--steps", type=int, default=None, help="bc: Adam steps (default: the preset's)")
     t.add_argument("--angle-dims", type=_int_list, default=None, metavar="I,J",
-                   help="state dimensions that are angles (default: 2 for the cart-pole, none otherwise; "
-                        "'' for none)")
+                   help="ifo/bco: state dimensions that are raw angles (default: 2 for the cart-pole, none "
+                        "otherwise; '' for none)")
+    t.add_argument("--circle-dims", type=_index_pair, nargs="+", default=None, metavar="I,J",
+                   help="ifo/bco: observation dimension pairs holding (cos φ, sin φ) of one angle, e.g. 0,1 "
+                        "for Pendulum-v1's (cos θ, sin θ, θ̇); the learned cost keeps each pair's target on "
+                        "the unit circle with one weight. Recorded in the checkpoint: evaluate and train bc "
+                        "read it from there")
+    t.add_argument("--cost-init", choices=("random", "expert_mean"), default=None,
+                   help="ifo: where the learned cost's target starts (default: the preset's, random); "
+                        "expert_mean: the mean expert state (advised with --circle-dims, docs/own_env.md)")
     _common(t)
     t.set_defaults(handler=_cmd_train)
 

@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 import envs
 from agents.bc import BC_PRESETS, BCTrainer
@@ -400,6 +401,33 @@ def test_pendulum_example_smoke(tmp_path):
     assert task.circle_dims == ((0, 1),) and abs(float(cost.target.detach()[:2].norm()) - 1.0) < 1e-12
 
 
+def test_pendulum_example_seeds_pairs_each_training_seed_with_the_same_episodes(tmp_path):
+    """`--seeds 2`: two training seeds on the same expert data, evaluated on the same episode seeds; the
+    paired differences are the per-seed means of per-episode differences, the expert evaluated once; a
+    rerun keeps the finished seeds."""
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "examples" / "pendulum_ifo.py"))["main"]
+    res = main(["--smoke", "--seeds", "2", "--out", str(tmp_path)])
+    assert res["training_seeds"] == [0, 1] and res["eval_seeds"] == [1000, 1001]
+    per = res["per_seed"]
+    assert per["0"]["evaluation"]["MPC_IFT"]["seeds"] == per["1"]["evaluation"]["MPC_IFT"]["seeds"]
+    expert = np.array(res["expert"]["evaluation"]["episode_returns"])
+    for a, b in (("MPC_IFT", "BC"), ("BC", "expert")):
+        ret = {n: np.array([per[s]["evaluation"][n]["episode_returns"] if n != "expert" else expert
+                            for s in ("0", "1")]) for n in (a, b)}
+        want = (ret[a] - ret[b]).mean(1)
+        got = res["paired_differences"][f"{a} - {b}"]
+        np.testing.assert_allclose(got["per_seed"], want, rtol=1e-12)
+        assert math.isclose(got["mean"], want.mean(), rel_tol=1e-12)
+        assert math.isclose(got["stderr_over_seeds"], want.std(ddof=1) / math.sqrt(2), rel_tol=1e-9)
+    assert len({json.dumps(per[s]["evaluation"]["BC"]["episode_returns"]) for s in ("0", "1")}) == 2
+    mtime = (tmp_path / "seed_1" / "results.json").stat().st_mtime_ns
+    again = main(["--smoke", "--seeds", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "seed_1" / "results.json").stat().st_mtime_ns == mtime  # finished seeds are kept
+    assert again["paired_differences"] == res["paired_differences"]
+
+
 def test_bco_inverse_model_labels_the_true_controls():
     """BCO's inverse-dynamics model recovers the control of a transition it did not see (cart-pole)."""
     from agents.bc import BCOConfig, BCOTrainer
@@ -548,3 +576,69 @@ def test_circle_task_and_expert_mean_cost_init():
                       expert_states=states)
     assert isinstance(plain, TargetStateCost)
     torch.testing.assert_close(plain.target.detach(), states.mean(0))
+
+
+class _SettablePendulum(PendulumEnv):
+    """Pendulum-v1 that can be set to an observed state: ``reset(options={"state": (cos θ, sin θ, θ̇)})``
+    (so the CLI's learners can query the env itself; stock Pendulum-v1 cannot)."""
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if options is None or "state" not in options:
+            return super().reset(seed=seed, options=options)
+        super().reset(seed=seed)
+        c, s, thdot = (float(v) for v in options["state"])
+        self.state = np.array([math.atan2(s, c), thdot])
+        return self._get_obs(), {}
+
+
+SETTABLE_PENDULUM = "tests/SettablePendulum-v0"
+
+
+def test_cli_circle_dims_are_validated_recorded_and_loaded_back(tmp_path, capsys):
+    """`train ifo --circle-dims 0,1` on a (cos θ, sin θ, θ̇) env: the checkpoint records the pair (a circle
+    cost), `evaluate`/`train bc` load it without the flag, bad pairs exit 2 naming the problem, and a resume
+    with another declaration is refused."""
+    from agents.dataset import generate_dataset
+
+    if SETTABLE_PENDULUM not in gym.registry:
+        gym.register(SETTABLE_PENDULUM, entry_point=_SettablePendulum, max_episode_steps=10)
+    generate_dataset(tmp_path / "p.npz", episodes=2, seed=0, env=gym.make(SETTABLE_PENDULUM), progress=False,
+                     expert=lambda obs: np.clip(-2 * np.asarray(obs)[..., 2:], -2, 2).astype(np.float32))
+    data, ifo = str(tmp_path / "p.npz"), tmp_path / "ifo"
+    base = ["train", "ifo", "--dataset", data, "--out", str(ifo), "--preset", "tiny", "--no-progress"]
+    for bad, needle in ((["0,3"], "index 3 is out of range"), (["0,1", "1,2"], "index 1 appears more than"),
+                        (["0"], "not a pair"), (["0,x"], "not a pair")):
+        assert cli_main([*base, "--circle-dims", *bad]) == 2
+        assert needle in capsys.readouterr().err
+    assert cli_main([*base, "--circle-dims", "0,1", "--angle-dims", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not ifo.exists() or not (ifo / "ifo_checkpoint.pt").exists()  # refused before any training
+
+    assert cli_main([*base, "--circle-dims", "0,1", "--cost-init", "expert_mean"]) == 0
+    res = json.loads((ifo / "results.json").read_text())
+    assert res["task"]["circle_dims"] == [[0, 1]] and res["task"]["env_id"] == SETTABLE_PENDULUM
+    dyn, cost, cfg, task = load_ifo_checkpoint(ifo / "ifo_checkpoint.pt")
+    assert isinstance(cost, CircleTargetCost) and task.circle_dims == ((0, 1),)
+    assert cfg.cost_init == "expert_mean"
+    assert abs(float(cost.target.detach()[:2].norm()) - 1.0) < 1e-12  # the pair's target stays on the circle
+    # resuming with another declaration of the same data is refused (the task is part of the run's identity)
+    assert cli_main([*base, "--resume", "--cost-init", "expert_mean"]) == 1
+    assert "task" in capsys.readouterr().err
+
+    # evaluate / train bc read the task from the checkpoint: no flag
+    assert cli_main(["train", "bc", "--dataset", data, "--dynamics", str(ifo), "--out", str(tmp_path / "bc"),
+                     "--preset", "tiny", "--no-progress"]) == 0
+    from agents.bc import load_bc_policy
+
+    assert load_bc_policy(tmp_path / "bc" / "bc_checkpoint.pt").task == task
+    assert cli_main(["train", "bc", "--dataset", data, "--dynamics", str(ifo), "--out", str(tmp_path / "bc2"),
+                     "--circle-dims", "0,1"]) == 2
+    assert "from the --dynamics checkpoint" in capsys.readouterr().err
+    assert cli_main(["train", "bco", "--dataset", data, "--out", str(tmp_path / "bco"), "--preset", "tiny",
+                     "--no-progress", "--circle-dims", "0,1"]) == 0
+    assert json.loads((tmp_path / "bco" / "results.json").read_text())["task"]["circle_dims"] == [[0, 1]]
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--env", SETTABLE_PENDULUM, "--episodes", "2", "--policy", f"ifo:{ifo}",
+                     "--policy", f"bc:{tmp_path / 'bc'}", "--out", str(out), "--no-progress"]) == 0
+    ev = json.loads((out / "results.json").read_text())["evaluation"]
+    assert [len(r["episode_returns"]) for r in ev.values()] == [2, 2]
