@@ -15,17 +15,21 @@ the cost starts at the mean expert state (``cost_init="expert_mean"``).
 
     python examples/pendulum_ifo.py --out runs/pendulum_ifo            # the full run (results.json, video)
     python examples/pendulum_ifo.py --out runs/pendulum_smoke --smoke  # seconds: the test suite's setting
+    python examples/pendulum_ifo.py --out runs/pendulum_seeds --seeds 5  # 5 training seeds: paired diffs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 
 from agents import MPCPolicy
@@ -60,7 +64,12 @@ def pendulum_cost(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/pendulum_ifo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the expert data, the expert's planner "
+                   "and the first training seed")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds SEED, SEED+1, ... (IfO, BC and BCO each); > 1: one run per seed "
+                        "under OUT/seed_<s>/ on the same expert data, evaluated on the same episodes, and "
+                        "paired differences (MPC_IFT - BC, each - expert) with s.e. over the seeds")
     p.add_argument("--episodes", type=int, default=10, help="expert episodes (200 steps each)")
     p.add_argument("--horizon", type=int, default=20, help="MPC horizon, steps of 0.05 s (swing-up ~ 1 s)")
     p.add_argument("--eval-seeds", type=int, default=10, help="evaluation episodes (seeds 1000, 1001, ...)")
@@ -70,15 +79,63 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-circle", action="store_true",
                    help="ablation: do not declare the (cos, sin) pair (free target and two weights for it)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds): for the test suite")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("seeds", "episodes", "horizon", "eval_seeds", "iterations"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+# The paired comparisons of a multi-seed run: (a, b) -> a - b, per evaluation episode, same episode seeds.
+PAIRS = (("MPC_IFT", "BC"), ("MPC_IFT", "BCO"), ("MPC_IFT", "expert"), ("BC", "expert"), ("BCO", "expert"))
+LEARNED = ("BC", "BCO", "MPC_IFT")
+
+
+def train_one(seed: int, run_dir: Path, x: torch.Tensor, x_next: torch.Tensor, trajectories: torch.Tensor,
+              task: Task, cfg: IfOConfig, bc_cfg: Any, bco_cfg: BCOConfig, progress: bool
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """IfO (Alg. 2), then BC through its learned model and BCO, all with ``seed``, checkpointed (resumable)
+    under ``run_dir``; returns the test-time policies and the training summaries."""
+    ifo = IfOTrainer(x, x_next, cfg, seed=seed, simulator=pendulum_step, out=run_dir / "ifo", task=task)
+    ifo_summary = ifo.run(progress=progress, resume=True)
+    bc = BCTrainer(x, x_next, ifo.dynamics, bc_cfg, seed=seed, out=run_dir / "bc", task=task,
+                   trajectories=trajectories if bc_cfg.rollout_steps > 1 else None)
+    bc_summary = bc.run(progress=progress, resume=True)
+    bco = BCOTrainer(x, x_next, pendulum_step, bco_cfg, seed=seed, out=run_dir / "bco", task=task)
+    bco_summary = bco.run(progress=progress, resume=True)
+    policies = {"BC": bc.policy.requires_grad_(False), "BCO": bco.policy.requires_grad_(False),
+                "MPC_IFT": mpc_policy(ifo.dynamics, ifo.cost, cfg, task)}
+    return policies, {"ifo": ifo_summary, "bc": bc_summary, "bco": bco_summary}
+
+
+def paired_differences(returns: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``a - b`` for each pair of :data:`PAIRS` from per-episode returns ``(seeds, episodes)`` (the expert's
+    row is its one evaluation, repeated): per seed the mean over the same episodes, then the mean over
+    training seeds ± its standard error (``stderr_over_seeds``, n = seeds), the number of seeds where
+    ``a > b``, and the relative gap ``mean / |mean return of b|``."""
+    out = {}
+    for a, b in PAIRS:
+        d = returns[a] - returns[b]  # (seeds, episodes), paired by evaluation episode
+        per_seed = d.mean(1)
+        k = len(per_seed)
+        out[f"{a} - {b}"] = {
+            "mean": float(per_seed.mean()),
+            "stderr_over_seeds": float(per_seed.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan"),
+            "per_seed": per_seed.tolist(),
+            "per_seed_episode_stderr": (d.std(1, ddof=1) / np.sqrt(d.shape[1])).tolist(),
+            "seeds_a_better": int((per_seed > 0).sum()),
+            "relative_to_b": float(per_seed.mean() / abs(returns[b].mean())),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     steps = 20 if args.smoke else None  # episode length (None: the env's 200)
+    command = "python examples/pendulum_ifo.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def make_env(render_mode: str | None = None) -> gym.Env:
         return gym.make(ENV_ID, render_mode=render_mode, **({"max_episode_steps": steps} if steps else {}))
@@ -103,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"expert data: {data.episodes} episodes, {len(x)} state pairs, mean return "
           f"{-data.episode_costs.mean():.1f} ({t_data:.0f} s)")
 
-    # ---------------------------------------------------------------- 2. MPC_IFT (Alg. 2)
+    # ---------------------------------------------------------------- 2. MPC_IFT (Alg. 2) and 3. baselines
     cfg = IfOConfig(hidden=(64, 64), warmup_queries=20000, warmup_steps=2000, iterations=args.iterations,
                     cost_batch=32, horizon=args.horizon, curriculum_iters=max(1, args.iterations // 2),
                     n_samples=100, cem_iterations=3, newton_iters=20, eval_samples=200, eval_cem_iterations=4,
@@ -112,25 +169,22 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(cfg, hidden=(16, 16), warmup_queries=500, warmup_steps=50, iterations=2, cost_batch=8,
                       horizon=3, curriculum_iters=1, n_samples=16, cem_iterations=1, newton_iters=3,
                       eval_samples=16, eval_cem_iterations=1, eval_newton_iters=1)
-    ifo = IfOTrainer(x, x_next, cfg, seed=args.seed, simulator=pendulum_step, out=out / "ifo", task=task)
-    ifo_summary = ifo.run(progress=not args.smoke, resume=True)
-
-    # ---------------------------------------------------------------- 3. baselines through the same model
+    # Baselines on the same data through the same learned model: BC (the preset's k-step rollout loss over
+    # the expert trajectories) and BCO (inverse-dynamics labels).
     bc_cfg = BC_PRESETS["tiny" if args.smoke else "quick"]
-    bc = BCTrainer(x, x_next, ifo.dynamics, bc_cfg, seed=args.seed, out=out / "bc", task=task)
-    bc_summary = bc.run(progress=not args.smoke, resume=True)
     bco_cfg = BCOConfig(queries=500, inverse_steps=50, policy_steps=50) if args.smoke else BCOConfig()
-    bco = BCOTrainer(x, x_next, pendulum_step, bco_cfg, seed=args.seed, out=out / "bco", task=task)
-    bco_summary = bco.run(progress=not args.smoke, resume=True)
+    trajectories = torch.as_tensor(data.states)
+    seeds = list(range(1000, 1000 + (2 if args.smoke else args.eval_seeds)))
+    if args.seeds > 1:
+        return multi_seed(args, out, command, make_env, expert, data, task, cfg, bc_cfg, bco_cfg,
+                          trajectories, seeds, t_data)
+    t0 = time.perf_counter()
+    learned, summaries = train_one(args.seed, out, x, x_next, trajectories, task, cfg, bc_cfg, bco_cfg,
+                                   progress=not args.smoke)
+    ifo_summary = summaries["ifo"]
 
     # ---------------------------------------------------------------- 4. evaluation over fixed seeds
-    seeds = list(range(1000, 1000 + (2 if args.smoke else args.eval_seeds)))
-    policies = {
-        "expert": expert,
-        "BC": bc.policy.requires_grad_(False),
-        "BCO": bco.policy.requires_grad_(False),
-        "MPC_IFT": mpc_policy(ifo.dynamics, ifo.cost, cfg, task),
-    }
+    policies = {"expert": expert, **learned}
     evaluation = {}
     for name, policy in policies.items():
         evaluation[name] = evaluate_in_env(policy, make_env, seeds, progress=not args.smoke)
@@ -142,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     expert_ret, ift_ret = evaluation["expert"]["mean_return"], evaluation["MPC_IFT"]["mean_return"]
     results = {
-        "command": "python examples/pendulum_ifo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "env_id": ENV_ID, "task": task.to_dict(), "seed": args.seed, "smoke": args.smoke,
         "expert": {"policy": "MPCPolicy(refine=False, sampler='cem')", "n_samples": n_samples,
                    "horizon": args.horizon, "dataset_mean_return": float(-data.episode_costs.mean()),
@@ -155,14 +209,95 @@ def main(argv: list[str] | None = None) -> dict:
         "ifo_converged_fraction": ifo_summary["converged_fraction"],
         "ifo_mpc_solves": ifo_summary["mpc_solves"], "ifo_mpc_unconverged": ifo_summary["mpc_unconverged"],
         "dataset_reused": t_data < 5,
-        "time_s": {"dataset": t_data, "ifo": ifo_summary["elapsed_s"], "bc": bc_summary["elapsed_s"],
-                   "bco": bco_summary["elapsed_s"], "total": time.perf_counter() - t_start},
+        "time_s": {"dataset": t_data, "ifo": ifo_summary["elapsed_s"], "bc": summaries["bc"]["elapsed_s"],
+                   "bco": summaries["bco"]["elapsed_s"], "total": time.perf_counter() - t_start},
+        "cpu_s": time.process_time() - cpu_start,
         "threads": torch.get_num_threads(),
         "media": [str(p) for p in media],
     }
     path = write_results(out, results)
     print(f"MPC_IFT vs expert: {100 * results['mpc_ift_gap_to_expert']:+.1f} % return; "
           f"total {results['time_s']['total'] / 60:.1f} min -> {path}; video {media[0]}")
+    return results
+
+
+def multi_seed(args: argparse.Namespace, out: Path, command: str, make_env: Any, expert: MPCPolicy, data: Any,
+               task: Task, cfg: IfOConfig, bc_cfg: Any, bco_cfg: BCOConfig, trajectories: torch.Tensor,
+               seeds: list[int], t_data: float) -> dict:
+    """``--seeds K``: K training runs on the same expert data, each evaluated on the same episodes (seeds),
+    against one evaluation of the expert; per-seed results are kept in ``OUT/seed_<s>/results.json`` (a
+    finished seed is skipped when its settings match), the paired differences in ``OUT/results.json``."""
+    t_start = time.perf_counter()
+    progress = not args.smoke
+    x, x_next = data.transitions()
+    expert_eval = evaluate_in_env(expert, make_env, seeds, progress=progress)
+    print(f"  expert: return {expert_eval['mean_return']:8.1f} ± {expert_eval['return_stderr']:.1f} over "
+          f"{len(seeds)} episodes")
+    settings = {"ifo_config": cfg.to_dict(), "bc_config": bc_cfg.to_dict(), "bco_config": asdict(bco_cfg),
+                "task": task.to_dict(), "eval_seeds": seeds,
+                "dataset_states_sha256": data.meta["states_sha256"]}
+    settings = json.loads(json.dumps(settings))  # as stored (tuples become lists): comparable with a rerun's
+    per_seed = {}
+    for k in range(args.seeds):
+        seed = args.seed + k
+        run_dir = out / f"seed_{seed}"
+        done = run_dir / "results.json"
+        if done.is_file():
+            old = json.loads(done.read_text())
+            if old.get("settings") == settings and old.get("seed") == seed:
+                per_seed[seed] = old
+                print(f"seed {seed}: done before, kept ({done})")
+                continue
+        t0, c0 = time.perf_counter(), time.process_time()
+        learned, summaries = train_one(seed, run_dir, x, x_next, trajectories, task, cfg, bc_cfg, bco_cfg,
+                                       progress)
+        evaluation = {name: evaluate_in_env(pol, make_env, seeds, progress=progress)
+                      for name, pol in learned.items()}
+        per_seed[seed] = {
+            "seed": seed, "settings": settings, "evaluation": evaluation,
+            "ifo_converged_fraction": summaries["ifo"]["converged_fraction"],
+            "ifo_mpc_solves": summaries["ifo"]["mpc_solves"],
+            "ifo_mpc_unconverged": summaries["ifo"]["mpc_unconverged"],
+            "train_s": {n: s["elapsed_s"] for n, s in summaries.items()},
+            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+        }
+        write_results(run_dir, per_seed[seed])
+        print(f"seed {seed}: " + ", ".join(f"{n} {r['mean_return']:.1f}" for n, r in evaluation.items())
+              + f" ({per_seed[seed]['cpu_s']:.0f} CPU s)")
+
+    train_seeds = sorted(per_seed)
+    returns = {n: np.array([per_seed[s]["evaluation"][n]["episode_returns"] for s in train_seeds])
+               for n in LEARNED}
+    returns["expert"] = np.tile(np.array(expert_eval["episode_returns"]), (len(train_seeds), 1))
+    seed_means = {n: returns[n].mean(1) for n in LEARNED}
+    k = len(train_seeds)
+    summary = {n: {"mean_return": float(v.mean()),
+                   "stderr_over_seeds": float(v.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan"),
+                   "per_seed": v.tolist()} for n, v in seed_means.items()}
+    summary["expert"] = {"mean_return": expert_eval["mean_return"], "stderr_over_seeds": 0.0,
+                         "per_seed": [expert_eval["mean_return"]] * k}
+    results = {
+        "command": command, "env_id": ENV_ID, "task": task.to_dict(), "smoke": args.smoke,
+        "data_seed": args.seed, "training_seeds": train_seeds, "eval_seeds": seeds,
+        "expert": {"policy": "MPCPolicy(refine=False, sampler='cem')", "planner_seed": args.seed,
+                   "horizon": args.horizon, "dataset_mean_return": float(-data.episode_costs.mean()),
+                   "dataset_episodes": data.episodes, "evaluation": expert_eval},
+        **settings,
+        "summary": summary,
+        "paired_differences": paired_differences(returns),
+        "per_seed": {str(s): per_seed[s] for s in train_seeds},
+        "ifo_mpc_solves": sum(per_seed[s]["ifo_mpc_solves"] for s in train_seeds),
+        "ifo_mpc_unconverged": sum(per_seed[s]["ifo_mpc_unconverged"] for s in train_seeds),
+        "cpu_s_per_seed": [per_seed[s]["cpu_s"] for s in train_seeds],
+        "wall_s_per_seed": [per_seed[s]["wall_s"] for s in train_seeds],
+        "time_s": {"dataset": t_data, "total_this_call": time.perf_counter() - t_start},
+        "threads": torch.get_num_threads(),
+    }
+    path = write_results(out, results)
+    for name, d in results["paired_differences"].items():
+        print(f"{name:>18s}: {d['mean']:+8.2f} ± {d['stderr_over_seeds']:.2f} (s.e. over {k} seeds; "
+              f"{d['seeds_a_better']}/{k} seeds better)")
+    print(f"-> {path}")
     return results
 
 
