@@ -108,6 +108,7 @@ class BoxNewtonResult:
     step: Tensor  # (B,) ‖d‖∞ of the last box-QP Newton step at u
     converged: Tensor  # (B,) bool
     iterations: Tensor  # (B,) long
+    initial_cost: Tensor  # (B,) J at the clamped starting point
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class BoxNewton:
         lo, hi = lo.expand(B, D), hi.expand(B, D)
         u = torch.minimum(torch.maximum(u0, lo), hi)
         J, state = evaluate(u, torch.arange(B, device=dev))
+        J_start = J.clone()
         alphas = torch.tensor(ALPHAS, dtype=dt, device=dev)
         K = len(ALPHAS)
         mu = torch.zeros(B, dtype=dt, device=dev)
@@ -190,6 +192,13 @@ class BoxNewton:
             b = rows.numel()
             cand = ua.unsqueeze(1) + alphas.view(1, K, 1) * d.unsqueeze(1)  # (b, K, D)
             cand = torch.minimum(torch.maximum(cand, la.unsqueeze(1)), ha_.unsqueeze(1))
+            # u + (b − u) may miss the bound b by an ulp: put controls that the box QP clamped exactly on it
+            # (before evaluating, so that J and the rollout handed on belong to exactly the stored plan)
+            tiny = 8 * eps
+            lo3, hi3 = la.unsqueeze(1).expand_as(cand), ha_.unsqueeze(1).expand_as(cand)
+            near_lo = torch.isfinite(lo3) & ((cand - lo3).abs() <= tiny * lo3.abs().clamp_min(1.0))
+            near_hi = torch.isfinite(hi3) & ((hi3 - cand).abs() <= tiny * hi3.abs().clamp_min(1.0))
+            cand = torch.where(near_lo, lo3, torch.where(near_hi, hi3, cand))
             Jc, states = evaluate(cand.reshape(b * K, D), rows.repeat_interleave(K))
             Jc = Jc.reshape(b, K)
             slope = (ga.unsqueeze(1) * (cand - ua.unsqueeze(1))).sum(-1)  # (b, K), along the projected path
@@ -201,12 +210,7 @@ class BoxNewton:
             first = torch.where(ok, Jc, torch.full_like(Jc, float("inf"))).argmin(1)
             idx = torch.arange(b, device=dev)
             pick = idx * K + first
-            new = torch.where(take.unsqueeze(1), cand[idx, first], ua)
-            # u + (b − u) may miss the bound b by an ulp: put controls that the box QP clamped exactly on it
-            tiny = 8 * eps
-            near_lo = torch.isfinite(la) & ((new - la).abs() <= tiny * la.abs().clamp_min(1.0))
-            near_hi = torch.isfinite(ha_) & ((ha_ - new).abs() <= tiny * ha_.abs().clamp_min(1.0))
-            u[rows] = torch.where(near_lo, la, torch.where(near_hi, ha_, new))
+            u[rows] = torch.where(take.unsqueeze(1), cand[idx, first], ua)
             J[rows] = torch.where(take, Jc[idx, first], J0)
             keep = take.view(-1, *([1] * (state.ndim - 1)))
             state[rows] = torch.where(keep, states[pick], state[rows])
@@ -217,6 +221,7 @@ class BoxNewton:
             mu[rows] = torch.where(~take, torch.maximum(10 * mua, mu0), mua)
             iters[rows] += 1
         return BoxNewtonResult(u=u, grad=g, cost=J, kkt=kkt, step=step,
-                               converged=(kkt <= self.tol) & (step <= self.step_tol), iterations=iters)
+                               converged=(kkt <= self.tol) & (step <= self.step_tol), iterations=iters,
+                               initial_cost=J_start)
 
 

@@ -620,6 +620,8 @@ class MPC(nn.Module):
         with torch.no_grad():
             res = BoxNewton(tol=tol, step_tol=step_tol, max_iter=self._max_iter).minimize(
                 derivatives, evaluate, u_start.reshape(B, D), lo, hi)
+        if sample_cost is None:  # no sampler: J of the (clamped) first guess, from the solve's first rollout
+            sample_cost = res.initial_cost
         u_star = res.u.view(B, H, m)
         g = res.grad.view(B, H, m)
         # Active set: controls on a bound (within step_tol; they are then put exactly on it).
@@ -655,7 +657,12 @@ class MPC(nn.Module):
         else:
             u_out, iinfo = self._attach_backward(xb, u_star, active, bound, tol, D, params)
         with torch.no_grad():
-            final_cost = self.horizon_cost(x_det, u_star)
+            # J of the returned plan: the solve's own value where snapping onto the bounds changed nothing
+            # (bit-identical plan), one more rollout only for the rows it did change.
+            final_cost = res.cost.clone()
+            moved = (u_star != res.u.view(B, H, m)).flatten(1).any(1)
+            if bool(moved.any()):
+                final_cost[moved] = self.horizon_cost(x_det[moved], u_star[moved])
         info = MPCInfo(cost=final_cost, sample_cost=sample_cost, stationarity_residual=res.kkt,
                        converged=converged, forward_iterations=res.iterations, implicit=iinfo, tol=tol,
                        active=active, step=res.step)
@@ -701,7 +708,8 @@ class MPC(nn.Module):
             raise ValueError("sampling needs a bounded control box; pass u_low/u_high or sampler=None")
         u = u_init if u_init is not None else ((low + high) / 2 if self.bounded else low.new_zeros(m)).expand(
             B, H, m).clone()
-        return u, self.horizon_cost(x0, u)
+        # the box solve's first evaluation is this plan's cost (one rollout saved); the tanh path computes it
+        return u, (None if self.uses_box_newton else self.horizon_cost(x0, u))
 
     def extra_repr(self) -> str:
         s = self.settings
