@@ -73,6 +73,17 @@ FIGURES: dict[str, Figure] = {
         ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo", "--out", "{out}"],
         {"results.json": "pendulum_ifo_diagnosis.json"},
         minutes="~5 (learned vs true cost and dynamics, swapped)"),
+    # training-seed variability: K runs on the expert data of the entry above, same evaluation episodes
+    "pendulum_ifo_seeds": Figure(
+        ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10"],
+        {"results.json": "pendulum_ifo_seeds.json"},
+        minutes="~30 (expert data ~11, then ~1 CPU min per training seed: IfO + BC + BCO + evaluation)"),
+    # reads seed 2 of the entry above (a seed where MPC_IFT fails): which learned part is wrong
+    "pendulum_ifo_diagnosis_seed2": Figure(
+        ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo_seeds/seed_2",
+         "--out", "{out}", "--seeds", "10"],
+        {"results.json": "pendulum_ifo_diagnosis_seed2.json"},
+        minutes="~3"),
     "mpc_cartpole": Figure(
         ["examples/mpc_cartpole.py", "--seed", "0", "--out", "{out}"],
         {"mpc_cartpole.gif": "mpc_cartpole.gif"},

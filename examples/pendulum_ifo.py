@@ -36,9 +36,9 @@ from agents import MPCPolicy
 from agents.bc import BC_PRESETS, BCOConfig, BCOTrainer, BCTrainer
 from agents.dataset import generate_dataset, load_dataset
 from agents.evaluation import evaluate_in_env, mpc_policy, record_side_by_side
-from agents.ifo import IfOConfig, IfOTrainer
+from agents.ifo import IfOConfig, IfOTrainer, load_ifo_checkpoint
 from agents.task import Task
-from diffmpc.io import write_results
+from diffmpc.io import load_checkpoint, write_results
 
 ENV_ID = "Pendulum-v1"
 # Pendulum-v1's constants (gymnasium/envs/classic_control/pendulum.py)
@@ -127,6 +127,17 @@ def paired_differences(returns: dict[str, np.ndarray]) -> dict[str, Any]:
             "relative_to_b": float(per_seed.mean() / abs(returns[b].mean())),
         }
     return out
+
+
+def learned_cost_of(run_dir: Path, last: int = 10) -> dict[str, Any]:
+    """What IfO learned in ``run_dir/ifo``: the cost's target and weights (on (cos θ, sin θ, θ̇)) and its own
+    training objective at the end, the imitation loss averaged over the ``last`` cost iterations."""
+    path = run_dir / "ifo" / "ifo_checkpoint.pt"
+    _, cost, _, _ = load_ifo_checkpoint(path)
+    history = load_checkpoint(path, {"kind": "ifo"})["history"]
+    return {"learned_target": cost.target.detach().tolist(),
+            "learned_weights": cost.weights.detach().tolist(),
+            f"imitation_loss_last_{last}": float(np.mean([h["loss"] for h in history[-last:]]))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -266,6 +277,8 @@ def multi_seed(args: argparse.Namespace, out: Path, command: str, make_env: Any,
               + f" ({per_seed[seed]['cpu_s']:.0f} CPU s)")
 
     train_seeds = sorted(per_seed)
+    for seed in train_seeds:  # read from the checkpoints (also for seeds finished by an earlier call)
+        per_seed[seed].update(learned_cost_of(out / f"seed_{seed}"))
     returns = {n: np.array([per_seed[s]["evaluation"][n]["episode_returns"] for s in train_seeds])
                for n in LEARNED}
     returns["expert"] = np.tile(np.array(expert_eval["episode_returns"]), (len(train_seeds), 1))
@@ -285,7 +298,7 @@ def multi_seed(args: argparse.Namespace, out: Path, command: str, make_env: Any,
         **settings,
         "summary": summary,
         "paired_differences": paired_differences(returns),
-        "per_seed": {str(s): per_seed[s] for s in train_seeds},
+        "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k != "settings"} for s in train_seeds},
         "ifo_mpc_solves": sum(per_seed[s]["ifo_mpc_solves"] for s in train_seeds),
         "ifo_mpc_unconverged": sum(per_seed[s]["ifo_mpc_unconverged"] for s in train_seeds),
         "cpu_s_per_seed": [per_seed[s]["cpu_s"] for s in train_seeds],

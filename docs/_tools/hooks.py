@@ -149,9 +149,44 @@ def pendulum_ifo() -> str:
     return "\n".join(lines) + "\n\n" + _source(path, d.get("command"))
 
 
-def pendulum_ifo_diagnosis() -> str:
+def pendulum_ifo_seeds() -> str:
+    """``examples/pendulum_ifo.py --seeds K``: each policy's return over K training seeds (same expert data,
+    same evaluation episodes) and the paired differences with their standard errors over the seeds."""
+    path = FIGURES / "pendulum_ifo_seeds.json"
+    d = _load(path)
+    k, summary = len(d["training_seeds"]), d["summary"]
+    lines = [f"| policy | return: mean over {k} training seeds ± s.e. | min … max over seeds |",
+             "|---|---|---|"]
+    for name in ("expert", "BC", "BCO", "MPC_IFT"):
+        r = summary[name]
+        lo, hi = min(r["per_seed"]), max(r["per_seed"])
+        spread = "– (one evaluation)" if name == "expert" else f"{lo:.1f} … {hi:.1f}"
+        lines.append(f"| {name} | {r['mean_return']:.2f} ± {r['stderr_over_seeds']:.2f} | {spread} |")
+    lines += ["", "| paired difference (same episodes) | mean ± s.e. over seeds | relative to the second "
+              "| seeds where the first is better |", "|---|---|---|---|"]
+    for name, r in d["paired_differences"].items():
+        lines.append(f"| {name} | {r['mean']:+.2f} ± {r['stderr_over_seeds']:.2f} | "
+                     f"{100 * r['relative_to_b']:+.2f} % | {r['seeds_a_better']} of {k} |")
+    lines += ["", "| training seed | MPC_IFT return | BC return | learned weights (cos θ, sin θ, θ̇) | IfO "
+              "imitation loss, last 10 iterations |", "|---|---|---|---|---|"]
+    for seed, r in d["per_seed"].items():
+        w = ", ".join(f"{v:.3f}" for v in r["learned_weights"])
+        ret = {n: r["evaluation"][n]["mean_return"] for n in ("MPC_IFT", "BC")}
+        lines.append(f"| {seed} | {ret['MPC_IFT']:.1f} | {ret['BC']:.1f} | ({w}) | "
+                     f"{r['imitation_loss_last_10']:.4f} |")
+    ev, cpu = d["eval_seeds"], d["cpu_s_per_seed"]
+    lines += ["", f"Training seeds {d['training_seeds'][0]}–{d['training_seeds'][-1]} on one expert dataset "
+              f"(seed {d['data_seed']}); every policy on the same {len(ev)} episodes (seeds "
+              f"{ev[0]}–{ev[-1]}), "
+              f"the expert evaluated once. IfO: {d['ifo_mpc_solves'] - d['ifo_mpc_unconverged']} of "
+              f"{d['ifo_mpc_solves']} MPC solves converged. CPU per training seed (IfO + BC + BCO + "
+              f"evaluation, {d['threads']} thread): {min(cpu):.0f}–{max(cpu):.0f} s."]
+    return "\n".join(lines) + "\n\n" + _source(path, d.get("command"))
+
+
+def pendulum_ifo_diagnosis(name: str = "pendulum_ifo_diagnosis.json") -> str:
     """``examples/pendulum_ifo_diagnose.py``: MPC_IFT with one learned part replaced by the truth."""
-    path = FIGURES / "pendulum_ifo_diagnosis.json"
+    path = FIGURES / name
     d = _load(path)
     lines = ["| MPC policy on | return (mean) | per episode |", "|---|---|---|"]
     for name, r in d["evaluation"].items():
@@ -224,6 +259,9 @@ def cli_help() -> str:
 RENDERERS: dict[str, Callable[[], str]] = {
     "pendulum_ifo": pendulum_ifo,
     "pendulum_ifo_diagnosis": pendulum_ifo_diagnosis,
+    "pendulum_ifo_seeds": pendulum_ifo_seeds,
+    # the same diagnosis on a training seed where MPC_IFT failed (seed 2 of the multi-seed run)
+    "pendulum_ifo_diagnosis_seed2": lambda: pendulum_ifo_diagnosis("pendulum_ifo_diagnosis_seed2.json"),
     "bench_headlines": bench_headlines,
     "cli": cli_help,
     "kepler": kepler,
