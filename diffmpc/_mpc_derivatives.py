@@ -44,11 +44,64 @@ def rollout(step: Step, terminal: Callable[[Tensor], Tensor] | None, x0: Tensor,
     return torch.stack(xs, 1), total
 
 
+class CompiledPointDerivatives:
+    """Compiled per-point derivatives of the step (opt-in: ``MPC(compile_derivatives=True)``).
+
+    Two graphs, written with ``torch.func`` so that the derivatives are part of one forward graph (compiled
+    graphs cannot be double-backwarded, so the eager path's reverse-over-reverse cannot be compiled):
+    ``jacobian(XU) -> (n+1, P, n+m)``, the Jacobian of ``Σ_p step_out(p)`` w.r.t. the points (= the stack of
+    per-point Jacobians, the points being independent), and ``lagrangian_hessian(XU, W) -> (n+m, P, n+m)``,
+    the per-point Hessians of ``Σ_i W_i step_out_i`` (W = [λ_{t+1}, 1]).
+
+    Shapes: torch 2.13 recompiles these graphs for every new number of points P even with
+    ``dynamic=True`` (≈ 80 CPU s each time on the cart-pole step), while the box solve's P shrinks as
+    samples finish. The points are therefore padded (with copies of the last point) to one of two sizes:
+    the largest P seen so far, or an eighth of it for the last few samples — two compilations per batch size.
+    """
+
+    def __init__(self, step: Step, n: int) -> None:
+        from torch.func import grad, jacrev
+
+        def step_out(xu: Tensor) -> Tensor:
+            xn, c = step(xu[:, :n], xu[:, n:])
+            return torch.cat([xn, c.unsqueeze(-1)], -1)
+
+        def jacobian(XU: Tensor) -> Tensor:
+            return jacrev(lambda z: step_out(z).sum(0))(XU)
+
+        def lagrangian_hessian(XU: Tensor, W: Tensor) -> Tensor:
+            g = grad(lambda z: (step_out(z) * W).sum())
+            return jacrev(lambda z: g(z).sum(0))(XU)
+
+        self._jacobian = torch.compile(jacobian, dynamic=False)
+        self._lagrangian_hessian = torch.compile(lagrangian_hessian, dynamic=False)
+        self.full = 0
+
+    def _padded(self, *ts: Tensor) -> tuple[int, list[Tensor]]:
+        P = ts[0].shape[0]
+        self.full = max(self.full, P)
+        small = -(-self.full // 8)
+        target = small if P <= small else self.full
+        if target == P:
+            return P, list(ts)
+        return P, [torch.cat([t, t[-1:].expand(target - P, *t.shape[1:])]) for t in ts]
+
+    def jacobian(self, XU: Tensor) -> Tensor:
+        P, (xu,) = self._padded(XU)
+        return self._jacobian(xu)[:, :P]
+
+    def lagrangian_hessian(self, XU: Tensor, W: Tensor) -> Tensor:
+        P, (xu, w) = self._padded(XU, W)
+        return self._lagrangian_hessian(xu, w)[:, :P]
+
+
 def structured_derivatives(step: Step, terminal: Callable[[Tensor], Tensor] | None, xs: Tensor,
-                           u: Tensor, hessian: bool = True) -> tuple[Tensor, Tensor | None]:
+                           u: Tensor, hessian: bool = True,
+                           compiled: CompiledPointDerivatives | None = None) -> tuple[Tensor, Tensor | None]:
     """Exact ``∇J (B, H·m)`` and ``∇²J (B, H·m, H·m)`` at the rollout ``xs (B, H+1, n)`` of ``u (B, H, m)``.
 
-    See the module docstring for the recursion; every step derivative is computed in one batched call.
+    See the module docstring for the recursion; every step derivative is computed in one batched call
+    (through ``compiled`` if given: same quantities, compiled graphs; gradient-free callers only).
     """
     B, H, m = u.shape
     n = xs.shape[-1]
@@ -64,12 +117,15 @@ def structured_derivatives(step: Step, terminal: Callable[[Tensor], Tensor] | No
     # Small problems (op overhead dominates): first and second derivatives of all n + 1 outputs from one
     # replicated graph. Large batches (arithmetic dominates): the Jacobian, then only the λ-weighted
     # Lagrangian Hessian (n + m instead of (n + 1)(n + m) replicas).
-    one_pass = hessian and B * H * (n + 1) * (n + m) <= ONE_PASS_MAX_ROWS
-    with torch.enable_grad():
-        if one_pass:
-            jac, second = _point_second_derivatives(step_out, XU, n + 1)
-        else:
-            jac, second = _point_jacobian(step_out, XU, n + 1), None
+    one_pass = compiled is None and hessian and B * H * (n + 1) * (n + m) <= ONE_PASS_MAX_ROWS
+    if compiled is not None:
+        jac, second = compiled.jacobian(XU), None
+    else:
+        with torch.enable_grad():
+            if one_pass:
+                jac, second = _point_second_derivatives(step_out, XU, n + 1)
+            else:
+                jac, second = _point_jacobian(step_out, XU, n + 1), None
     jac = jac.reshape(n + 1, B, H, n + m).permute(1, 2, 0, 3)  # (B, H, n + 1, n + m)
     A, Bu = jac[:, :, :n, :n], jac[:, :, :n, n:]
     lx, lu = jac[:, :, n, :n], jac[:, :, n, n:]
@@ -93,6 +149,10 @@ def structured_derivatives(step: Step, terminal: Callable[[Tensor], Tensor] | No
     if one_pass:
         second = second.reshape(n + 1, B, H, n + m, n + m)
         L = second[n] + torch.einsum("bti,ibtjk->btjk", lam_next, second[:n])
+    elif compiled is not None:
+        W = torch.cat([lam_next.reshape(B * H, n), XU.new_ones(B * H, 1)], -1)
+        L = compiled.lagrangian_hessian(XU, W).transpose(0, 1).reshape(B, H, n + m, n + m)
+        L = 0.5 * (L + L.transpose(2, 3))
     else:
         lam_rep = lam_next.reshape(B * H, n).repeat(n + m, 1)
 

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ._box_newton import BoxNewton
 from ._impl.linesearch import armijo, round_off_slack
 from ._impl.records import next_call_id
-from ._mpc_derivatives import autograd_derivatives, rollout, structured_derivatives
+from ._mpc_derivatives import CompiledPointDerivatives, autograd_derivatives, rollout, structured_derivatives
 from .backward import LinearSolve, Unroll
 from .implicit import ARGMIN_BACKWARDS, ConvergenceError, ConvergenceWarning, ImplicitInfo, argmin
 from .sampling import cem, random_shooting, shift_plan
@@ -105,6 +105,7 @@ class MPCSettings:
     derivatives: str = "structured"
     step_tol: float | None = None
     compile_rollout: bool = False
+    compile_derivatives: bool = False
 
 
 @dataclass
@@ -269,6 +270,10 @@ class MPC(nn.Module):
             after the first took 1.6–2.3× less CPU, after 43 s (warm inductor cache) to 166 s (cold) of
             compilation (``examples/mpc_compile_trial.py``). Derivatives and the backward stay eager (they
             need double backward, which compiled graphs do not support). Default False.
+        compile_derivatives: compute the box solve's per-step Jacobians and Lagrangian Hessians with
+            ``torch.func`` graphs compiled by ``torch.compile(dynamic=True)`` (same exact quantities; the IFT
+            backward stays eager). Pays only after minutes of compilation (measured in docs/mpc.md,
+            ``python -m benchmarks.mpc_casadi --compile``). Default False.
         bound_reg: tanh path only: ridge ε on z.
         params: extra tensors that ``dynamics``/``cost`` close over and that should get gradients.
         seed: seed of the sampler's generator (``None``: torch's global RNG).
@@ -308,10 +313,13 @@ class MPC(nn.Module):
         params: Sequence[Tensor] | None = None,
         seed: int | None = None,
         compile_rollout: bool = False,
+        compile_derivatives: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(compile_rollout, bool):
-            raise TypeError(f"compile_rollout must be True or False, got {compile_rollout!r}")
+        flags = (("compile_rollout", compile_rollout), ("compile_derivatives", compile_derivatives))
+        for name, flag in flags:
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if not callable(dynamics) or not callable(cost):
             raise TypeError("dynamics and cost must be callables or nn.Modules")
         if terminal_cost is not None and not callable(terminal_cost):
@@ -384,7 +392,7 @@ class MPC(nn.Module):
             # a strategy object carries its own damping; the keyword's default (0) must then stay unset
             damping=None if not isinstance(backward, str) and damping == 0.0 else damping,
             bound_reg=bound_reg, strict=strict, bounds=bounds, derivatives=derivatives, step_tol=step_tol,
-            compile_rollout=compile_rollout)
+            compile_rollout=compile_rollout, compile_derivatives=compile_derivatives)
         self._max_iter = max_iter
         self._low, self._high = low, high
         self._extra_params = list(params or [])
@@ -485,6 +493,13 @@ class MPC(nn.Module):
                 fn = self.__dict__["_compiled_rollout"] = torch.compile(rollout, dynamic=True)
             return fn(self.step, self.terminal_cost, x0, u)
         return rollout(self.step, self.terminal_cost, x0, u)
+
+    def _compiled_point_derivatives(self, n: int) -> CompiledPointDerivatives:
+        """The compiled per-step derivatives (``compile_derivatives``), built once per state size."""
+        cache = self.__dict__.setdefault("_compiled_derivatives", {})
+        if n not in cache:
+            cache[n] = CompiledPointDerivatives(self.step, n)
+        return cache[n]
 
     def objective(self, z: Tensor, x0: Tensor) -> Tensor:
         """tanh path: ``J(z) = horizon_cost(x0, u(z)) + ε/2 ‖z‖²``."""
@@ -611,9 +626,12 @@ class MPC(nn.Module):
             xs, J = self._rollout(x_det[rows], uf.view(-1, H, m))
             return J, xs
 
+        compiled = self._compiled_point_derivatives(x_det.shape[-1]) if s.compile_derivatives else None
+
         def derivatives(uf: Tensor, xs: Tensor, rows: Tensor):
             if structured:
-                return structured_derivatives(self.step, self.terminal_cost, xs, uf.view(-1, H, m))
+                return structured_derivatives(self.step, self.terminal_cost, xs, uf.view(-1, H, m),
+                                              compiled=compiled)
             return autograd_derivatives(lambda v: self.horizon_cost(x_det[rows], v), uf.view(-1, H, m))
 
         lo, hi = low.repeat(H), high.repeat(H)

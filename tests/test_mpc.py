@@ -558,3 +558,49 @@ def test_compiled_rollout_gives_the_eager_plan():
     assert torch.allclose(out[True][0], out[False][0], atol=1e-10, rtol=0)
     assert torch.equal(out[True][1], out[False][1])
     assert torch.allclose(out[True][2], out[False][2], atol=1e-8, rtol=0)
+
+
+def test_compile_derivatives_rejects_non_bool():
+    with pytest.raises(TypeError, match="compile_derivatives"):
+        MPC(lambda x, u: x + u, lambda x, u: (x * x).sum(-1), 3, -1.0, 1.0, compile_derivatives=1)
+
+
+@pytest.mark.slow
+def test_compiled_derivatives_match_the_eager_ones():
+    """``compile_derivatives=True`` (torch.func Jacobians / Lagrangian Hessians of the step, compiled, points
+    padded to two sizes) gives the eager structured gradient and Hessian, and the same plan, iterations and
+    IFT gradients (the backward stays eager)."""
+    from diffmpc._mpc_derivatives import CompiledPointDerivatives, rollout, structured_derivatives
+
+    A = torch.tensor([[1.0, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    Bm = torch.tensor([[0.0], [0.1]], dtype=torch.float64)
+
+    def dyn(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ A.T + u @ Bm.T) + 0.1 * torch.sin(u)
+
+    def cost(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return (x * x).sum(-1) + 0.1 * (u * u).sum(-1) + 0.05 * (x[:, :1] * u).sum(-1) ** 2
+
+    mpc = MPC(dyn, cost, 4, -0.5, 0.5, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    compiled = CompiledPointDerivatives(mpc.step, 2)
+    for B in (9, 1):  # the full size, then the small padded bucket (9 → 2 samples' worth of points)
+        x0 = torch.randn(B, 2, generator=gen, dtype=torch.float64)
+        u = torch.rand(B, 4, 1, generator=gen, dtype=torch.float64) - 0.5
+        with torch.no_grad():
+            xs, _ = rollout(mpc.step, None, x0, u)
+            g_e, h_e = structured_derivatives(mpc.step, None, xs, u)
+            g_c, h_c = structured_derivatives(mpc.step, None, xs, u, compiled=compiled)
+        assert torch.allclose(g_c, g_e, atol=1e-12, rtol=0)
+        assert torch.allclose(h_c, h_e, atol=1e-11, rtol=0)
+    x0 = torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64, requires_grad=True)
+    out = {}
+    for flag in (False, True):
+        layer = MPC(dyn, cost, 4, -0.5, 0.5, seed=0, compile_derivatives=flag)
+        u, info = layer(x0)
+        (g,) = torch.autograd.grad(u.sum(), x0)
+        out[flag] = (u.detach(), info.forward_iterations, g)
+        assert bool(info.converged.all())
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-10, rtol=0)
+    assert torch.equal(out[True][1], out[False][1])
+    assert torch.allclose(out[True][2], out[False][2], atol=1e-8, rtol=0)
