@@ -268,12 +268,13 @@ class MPC(nn.Module):
         compile_rollout: run the gradient-free rollouts (sampler, step-length trials, final cost) through
             ``torch.compile(dynamic=True)``. Pays only in long runs: on the cart-pole example each action
             after the first took 1.6–2.3× less CPU, after 43 s (warm inductor cache) to 166 s (cold) of
-            compilation (``examples/mpc_compile_trial.py``). Derivatives and the backward stay eager (they
-            need double backward, which compiled graphs do not support). Default False.
+            compilation (``examples/mpc_compile_trial.py``). The IFT backward stays eager (it needs double
+            backward, which compiled graphs do not support); see ``compile_derivatives``. Default False.
         compile_derivatives: compute the box solve's per-step Jacobians and Lagrangian Hessians with
-            ``torch.func`` graphs compiled by ``torch.compile(dynamic=True)`` (same exact quantities; the IFT
-            backward stays eager). Pays only after minutes of compilation (measured in docs/mpc.md,
-            ``python -m benchmarks.mpc_casadi --compile``). Default False.
+            ``torch.func`` graphs compiled by ``torch.compile``, points padded to two sizes (the same exact
+            quantities; the IFT backward stays eager). With ``compile_rollout`` too, the 64-problem
+            cart-pole batch of ``python -m benchmarks.mpc_casadi --compile`` took 2.8× less CPU than eager,
+            after ≈ 3 CPU minutes of compilation (docs/mpc.md). Default False.
         bound_reg: tanh path only: ridge ε on z.
         params: extra tensors that ``dynamics``/``cost`` close over and that should get gradients.
         seed: seed of the sampler's generator (``None``: torch's global RNG).
