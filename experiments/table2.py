@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 from diffmpc.device import add_device_argument, resolve_device
 from diffmpc.sweep import add_sweep_arguments
 
-__all__ = ["PAPER_TABLE2", "run_pipeline", "aggregate_runs", "table2_markdown", "register"]
+__all__ = ["PAPER_TABLE2", "run_pipeline", "aggregate_runs", "convergence_summary", "table2_markdown",
+           "register"]
 
 # Paper Table 2: average episode cost (low / high start variance).
 PAPER_TABLE2 = {"expert": (9.2, 9.3), "bc": (14.6, 18.4), "mpc_ift": (13.7, 14.7)}
@@ -377,7 +378,52 @@ def aggregate_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
-def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: float) -> str:
+def convergence_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many MPC solves met ``diffmpc.MPC``'s convergence test, over all runs: during IfO training
+    (every cost batch, Alg. 2; per run and per iteration) and in the evaluation of each policy that plans
+    with the layer (MPC_IFT: the fraction of the receding-horizon plans, one per action, that converged within
+    the test-time budget ``eval_newton_iters``; an unconverged plan is still applied)."""
+    solves = [int(r.get("ifo_mpc_solves", 0)) for r in runs]
+    unconv = [int(r.get("ifo_mpc_unconverged", 0)) for r in runs]
+    per_iter = [r.get("ifo_converged_fraction") or [] for r in runs]
+    lowest = [min(f) for f in per_iter if f]
+    evaluation: dict[str, dict[str, float]] = {}
+    for name in runs[0]["evaluation"]:
+        for v in runs[0]["evaluation"][name]:
+            fr = [r["evaluation"][name][v].get("converged_fraction") for r in runs]
+            if all(f is not None for f in fr):
+                evaluation.setdefault(name, {})[v] = float(np.mean(fr))
+    total = sum(solves)
+    return {
+        "ifo_training": {
+            "solves": total,
+            "unconverged": sum(unconv),
+            "converged_fraction": (total - sum(unconv)) / total if total else float("nan"),
+            "lowest_iteration_fraction": min(lowest) if lowest else float("nan"),
+            "per_run": [{"seed": r["seed"], "solves": n, "unconverged": u, "per_iteration": f}
+                        for r, n, u, f in zip(runs, solves, unconv, per_iter, strict=True)],
+        },
+        "evaluation_converged_fraction": evaluation,
+    }
+
+
+def convergence_markdown(conv: dict[str, Any]) -> str:
+    """One paragraph under Table 2: the converged counts of :func:`convergence_summary`."""
+    t = conv["ifo_training"]
+    text = (f"MPC solves that met the layer's convergence test (KKT residual and Newton step ≤ tol): IfO "
+            f"training {t['solves'] - t['unconverged']} of {t['solves']} "
+            f"({100 * t['converged_fraction']:.1f} %; lowest fraction in one iteration's cost batch "
+            f"{100 * t['lowest_iteration_fraction']:.1f} %).")
+    for name, by_v in conv["evaluation_converged_fraction"].items():
+        cells = ", ".join(f"{v} {100 * f:.1f} %" for v, f in by_v.items())
+        text += (f" {POLICY_NAMES.get(name, name)} at test time, plans converged within the per-action "
+                 f"budget (`eval_newton_iters` Newton iterations after CEM; an unconverged plan is still "
+                 f"applied): {cells}.")
+    return text
+
+
+def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: float,
+                    convergence: dict[str, Any] | None = None) -> str:
     """The Table 2 comparison: ours (mean ± s.e., gap to our expert) next to the paper's numbers/gaps."""
     variances = list(table["expert"])
     idx = {"low": 0, "high": 1}
@@ -401,8 +447,10 @@ def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: flo
         "",
         f"Average episode cost over 50 fixed starts (40 steps), mean ± standard error over {over} "
         f"({runs} training run(s)); gap = policy − expert, paired per run. Produced by `{command}` in "
-        f"{minutes:.1f} min.",
+        f"{minutes:.1f} min (finished runs of an earlier invocation are reused, not re-timed).",
     ]
+    if convergence is not None:
+        lines += ["", convergence_markdown(convergence)]
     return "\n".join(lines) + "\n"
 
 
@@ -493,7 +541,8 @@ def run_pipeline(
     seeds = [r["seed"] for r in results]
     table = aggregate_runs(results)
     minutes = (time.perf_counter() - t0) / 60
-    md = table2_markdown(table, len(results), command, minutes)
+    convergence = convergence_summary(results)
+    md = table2_markdown(table, len(results), command, minutes, convergence)
     (out / "table2.md").write_text(md)
     media = render_run(out / f"run_{seeds[0]}", out, seed=seeds[0])
     res = {
@@ -504,11 +553,13 @@ def run_pipeline(
         "preset": preset,
         "dataset": str(dataset),
         "table": table,
+        "convergence": convergence,
         "paper": PAPER_TABLE2,
         "wall_time_min": minutes,
         "media": [str(p) for p in media],
         "per_run": [
-            {k: r[k] for k in ("seed", "wall_time_s", "learned_target", "learned_weights")} for r in results
+            {k: r[k] for k in ("seed", "wall_time_s", "ifo_train_s", "bc_train_s", "bco_train_s",
+                               "learned_target", "learned_weights") if k in r} for r in results
         ],
     }
     write_results(out, res)

@@ -31,7 +31,7 @@ from agents.training import CheckpointError, load_checkpoint, save_checkpoint
 from diffmpc.cli import main as cli_main
 from diffmpc.errors import BadArgumentError
 from diffmpc.nn import AngleFeatures, MLPDynamics, TargetStateCost
-from experiments.table2 import aggregate_runs, make_policy, table2_markdown
+from experiments.table2 import aggregate_runs, convergence_summary, make_policy, table2_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = IFO_PRESETS["tiny"]
@@ -288,6 +288,24 @@ def test_aggregate_runs_pairs_gaps_and_reports_stderr():
     assert low["stderr"] == pytest.approx(0.5) and low["gap_stderr"] == pytest.approx(0.5)
     md = table2_markdown(table, 2, "diffmpc table2 --runs 2", 1.0)
     assert "MPC_IFT" in md and "(+1.50)" in md and "13.7 (+4.5)" in md
+
+
+def test_convergence_summary_counts_every_solve():
+    def run(seed, solves, unconverged, per_iter, fr):
+        ev = {"expert": {"low": {"mean_cost": 1.0, "stderr": 0.1, "converged_fraction": None}},
+              "mpc_ift": {"low": {"mean_cost": 1.0, "stderr": 0.1, "converged_fraction": fr}}}
+        return {"seed": seed, "ifo_mpc_solves": solves, "ifo_mpc_unconverged": unconverged,
+                "ifo_converged_fraction": per_iter, "evaluation": ev}
+
+    conv = convergence_summary([run(0, 100, 3, [1.0, 0.97], 0.5), run(1, 50, 0, [1.0, 1.0], 0.25)])
+    t = conv["ifo_training"]
+    assert (t["solves"], t["unconverged"]) == (150, 3)
+    assert t["converged_fraction"] == pytest.approx(147 / 150)
+    assert t["lowest_iteration_fraction"] == pytest.approx(0.97)
+    # only policies that plan with the layer report a fraction; the evaluation fraction is the mean over runs
+    assert conv["evaluation_converged_fraction"] == {"mpc_ift": {"low": pytest.approx(0.375)}}
+    md = table2_markdown(aggregate_runs([run(0, 100, 3, [1.0, 0.97], 0.5)]), 1, "cmd", 1.0, conv)
+    assert "147 of 150" in md and "97.0 %" in md and "low 37.5 %" in md
 
 
 def test_cli_train_evaluate_render(pairs, tmp_path):
