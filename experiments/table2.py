@@ -423,7 +423,7 @@ def convergence_markdown(conv: dict[str, Any]) -> str:
 
 
 def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: float,
-                    convergence: dict[str, Any] | None = None) -> str:
+                    convergence: dict[str, Any] | None = None, run_minutes: list[float] | None = None) -> str:
     """The Table 2 comparison: ours (mean ± s.e., gap to our expert) next to the paper's numbers/gaps."""
     variances = list(table["expert"])
     idx = {"low": 0, "high": 1}
@@ -447,7 +447,10 @@ def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: flo
         "",
         f"Average episode cost over 50 fixed starts (40 steps), mean ± standard error over {over} "
         f"({runs} training run(s)); gap = policy − expert, paired per run. Produced by `{command}` in "
-        f"{minutes:.1f} min (finished runs of an earlier invocation are reused, not re-timed).",
+        f"{minutes:.1f} min"
+        + (f"; one training run (IfO, BC, BCO, evaluation) took {np.median(run_minutes):.1f} min of wall "
+           f"time on median, {max(run_minutes):.1f} at most (finished runs of an earlier invocation are "
+           "reused, not re-timed)." if run_minutes else "."),
     ]
     if convergence is not None:
         lines += ["", convergence_markdown(convergence)]
@@ -542,7 +545,8 @@ def run_pipeline(
     table = aggregate_runs(results)
     minutes = (time.perf_counter() - t0) / 60
     convergence = convergence_summary(results)
-    md = table2_markdown(table, len(results), command, minutes, convergence)
+    md = table2_markdown(table, len(results), command, minutes, convergence,
+                         [r["wall_time_s"] / 60 for r in results if "wall_time_s" in r])
     (out / "table2.md").write_text(md)
     media = render_run(out / f"run_{seeds[0]}", out, seed=seeds[0])
     res = {
