@@ -22,7 +22,9 @@ rounds, medians.
 ``compile_rollout=True`` (torch.compile / inductor), timed in the same alternating rounds after one warm-up
 call; the warm-up's extra CPU and wall time (the compilation) is reported in its own column, not hidden.
 
-Run: ``python -m benchmarks.mpc_casadi [--quick] [--rounds 3] [--compile]`` (needs ``pip install
+``--profile`` only prints where the batched call's time goes (see :func:`profile_batch`).
+
+Run: ``python -m benchmarks.mpc_casadi [--quick] [--rounds 3] [--compile] [--profile]`` (needs ``pip install
 '.[casadi]'``). Writes ``benchmarks/results/mpc_casadi.{json,md}``.
 """
 
@@ -208,6 +210,67 @@ def _ours_solve(mpc, x0: np.ndarray, guess: np.ndarray) -> dict:
     }
 
 
+def profile_batch(args: argparse.Namespace) -> int:
+    """``--profile``: where the time of one batched call on the 64 expert states goes (printed only): its CPU
+    seconds and iterations, the samples still iterating per iteration, the cProfile share of the exact
+    derivatives, the step-length rollouts and the box QP, and those pieces' cost per Newton iteration at 1
+    and 64 remaining samples. With ``--compile``: the compiled layer (compiles first)."""
+    import cProfile
+    import pstats
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    kw = {"compile_derivatives": True, "compile_rollout": True} if args.compile else {}
+    mpc = make_mpc(sampler=None, tol=TOL, max_iter=100, **kw)
+    xb, gb = batch_problems(args.seed, args.batch)
+    x, g = torch.as_tensor(xb), torch.as_tensor(gb).reshape(64, H, 1)
+    with torch.no_grad():
+        c0 = time.process_time()
+        mpc(x, g)  # warm-up (compilation with --compile)
+        print(f"warm-up call: {time.process_time() - c0:.2f} CPU s")
+        c0 = time.process_time()
+        _, info = mpc(x, g)
+        cpu = time.process_time() - c0
+        prof = cProfile.Profile()
+        prof.enable()
+        mpc(x, g)
+        prof.disable()
+    it = info.forward_iterations.numpy()
+    print(f"one batched call: {cpu:.3f} CPU s; iterations mean {it.mean():.2f}, max {it.max()}, "
+          f"{int(info.converged.sum())}/64 converged")
+    print("samples iterating per Newton iteration:", [int((it >= k).sum()) for k in range(it.max() + 1)])
+    stats = pstats.Stats(prof).stats
+    total = max(v[3] for v in stats.values())
+
+    def share(name: str, file_part: str) -> float:
+        return sum(v[3] for (f, _, fn), v in stats.items() if fn == name and file_part in f) / total
+
+    derivs = share("structured_derivatives", "_mpc_derivatives")
+    rollouts, qp = share("_rollout", "mpc.py"), share("box_qp", "_box_newton")
+    print(f"cProfile shares of the call: derivatives {derivs:.0%}, rollouts {rollouts:.0%}, box QP {qp:.0%}")
+    from diffmpc._mpc_derivatives import structured_derivatives
+
+    compiled = mpc._compiled_point_derivatives(4) if args.compile else None
+    for b in (1, 64):
+        u = g[:b].reshape(b, H, 1)
+        with torch.no_grad():
+            xs, _ = mpc._rollout(x[:b], u)
+            cand = u.repeat_interleave(10, 0)  # ten step lengths per sample, as the solve tries them
+            reps = 10
+            c0 = time.process_time()
+            for _ in range(reps):
+                structured_derivatives(mpc.step, None, xs, u, compiled=compiled)
+            t_d = (time.process_time() - c0) / reps
+            c0 = time.process_time()
+            for _ in range(reps):
+                mpc._rollout(x[:b].repeat_interleave(10, 0), cand)
+            t_r = (time.process_time() - c0) / reps
+        print(f"b = {b:2d} samples: derivatives {1e3 * t_d:.1f} ms, ten-step-length rollout "
+              f"{1e3 * t_r:.1f} ms per Newton iteration")
+    return 0
+
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -216,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--compile", action="store_true",
                     help="also time the batch with compiled derivatives + rollouts (minutes of compilation)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only print where one batched call's time goes (eager, or compiled with --compile)")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile_batch(args)
     try:
         import casadi  # noqa: F401
     except ImportError:

@@ -273,7 +273,7 @@ class MPC(nn.Module):
         compile_derivatives: compute the box solve's per-step Jacobians and Lagrangian Hessians with
             ``torch.func`` graphs compiled by ``torch.compile``, points padded to two sizes (the same exact
             quantities; the IFT backward stays eager). With ``compile_rollout`` too, the 64-problem
-            cart-pole batch of ``python -m benchmarks.mpc_casadi --compile`` took 2.8× less CPU than eager,
+            cart-pole batch of ``python -m benchmarks.mpc_casadi --compile`` took 2.5× less CPU than eager,
             after ≈ 3 CPU minutes of compilation (docs/mpc.md). Default False.
         bound_reg: tanh path only: ridge ε on z.
         params: extra tensors that ``dynamics``/``cost`` close over and that should get gradients.
