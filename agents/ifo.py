@@ -72,6 +72,8 @@ __all__ = [
 ]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_SELECT_LAST = 10  # cost iterations averaged by IfOTrainer.selection_loss
+_RESTART_SEED_STRIDE = 1_000_003  # restart r's generator: seed + stride * r (and its MPC sampler seeds)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,12 @@ class IfOConfig:
     # "random": the target above (an angle of a (cos, sin) pair: uniform); "expert_mean": the target starts at
     # the mean of the expert's states (in feature space; a (cos, sin) pair: the direction of its mean)
     cost_init: str = "random"
+    # Restarts of the alternation (Alg. 2 after the warm-up), the one with the lowest final training
+    # imitation loss kept (see IfOTrainer.run). Restart 0 is the run of cost_restarts=1; restart r >= 1 starts
+    # from the same warmed-up model and cost init, perturbed by N(0, restart_init_std^2) on every cost
+    # parameter, with its own generator (seed + 1_000_003 r) for queries, batches and MPC samples.
+    cost_restarts: int = 1
+    restart_init_std: float = 0.1
     # the MPC layer used for training (forward: sampler + Newton refinement; backward: IFT with CG)
     horizon: int = 10
     curriculum_iters: int = 50  # H grows linearly from 1 to `horizon` over these iterations
@@ -125,6 +133,7 @@ class IfOConfig:
             "eval_samples",
             "checkpoint_every",
             "curriculum_iters",
+            "cost_restarts",
         )
         bad = [k for k in positive if getattr(self, k) < 1]
         if bad:
@@ -132,7 +141,7 @@ class IfOConfig:
         check_fields(self, ints=positive + ("cem_iterations", "eval_cem_iterations"),
                      nonneg_ints=("warmup_steps", "dyn_queries_per_iter", "dyn_steps_per_iter",
                                   "eval_newton_iters"),
-                     positive=("dyn_lr", "cost_lr", "tol"), nonneg=("target_init_std",))
+                     positive=("dyn_lr", "cost_lr", "tol"), nonneg=("target_init_std", "restart_init_std"))
         check_choice("IfOConfig.sampler", self.sampler, ("cem", "rs", None))
         check_choice("IfOConfig.cost_init", self.cost_init, ("random", "expert_mean"))
         if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
@@ -145,6 +154,8 @@ class IfOConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        if self.cost_restarts == 1:  # without restarts: the dict (and checkpoints, results) of before them
+            del d["cost_restarts"], d["restart_init_std"]
         return d
 
     @classmethod
@@ -376,6 +387,12 @@ class IfOTrainer:
         self.history: list[dict[str, float]] = []
         self.dyn_history: list[float] = []
         self.elapsed = 0.0
+        # cost_restarts > 1: the restart under way, the finished ones ({restart, selection_loss}), the
+        # state each restart starts from (after the warm-up) and the best finished restart's state
+        self.restart = 0
+        self.restarts: list[dict[str, float]] = []
+        self.restart_start: dict[str, Any] | None = None
+        self.best: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -400,6 +417,10 @@ class IfOTrainer:
             "history": self.history,
             "dyn_history": self.dyn_history,
             "elapsed": self.elapsed,
+            "restart": self.restart,
+            "restarts": self.restarts,
+            "restart_start": self.restart_start,
+            "best": self.best,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -412,6 +433,8 @@ class IfOTrainer:
         self.iteration, self.warmed_up = state["iteration"], state["warmed_up"]
         self.history, self.dyn_history = list(state["history"]), list(state["dyn_history"])
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.restart, self.restarts = int(state.get("restart", 0)), list(state.get("restarts", []))
+        self.restart_start, self.best = state.get("restart_start"), state.get("best")
 
     def save(self) -> Path | None:
         return (
@@ -487,8 +510,8 @@ class IfOTrainer:
         idx = torch.randint(0, self.x.shape[0], (cfg.cost_batch,), generator=self.generator).to(self.device)
         x, xn = self.x[idx], self.x_next[idx]
         self.dynamics.requires_grad_(False)  # θ_h is fixed while the cost learns
-        mpc = make_mpc(self.dynamics, self.cost, cfg, horizon=H, seed=self.seed * 1_000_003 + self.iteration,
-                       task=self.task)
+        mpc = make_mpc(self.dynamics, self.cost, cfg, horizon=H, task=self.task,
+                       seed=self.seed * 1_000_003 + self.iteration + _RESTART_SEED_STRIDE * self.restart)
         with quiet_convergence_warnings():
             u, info = mpc(x)
         x_hat = self.dynamics(x, u[:, 0])
@@ -524,38 +547,115 @@ class IfOTrainer:
             self.last_imitation_converged = float(info.converged.double().mean())
             return float(normalized_error(self.dynamics(x, u[:, 0]), x_next, self.dynamics.out_scale).mean())
 
+    # ------------------------------------------------------------------ restarts (cost_restarts > 1)
+    def _trained_state(self) -> dict[str, Any]:
+        """What differs between restarts: models, optimisers, buffer, generator and the cost iterations."""
+        return copy.deepcopy({k: v for k, v in self.state_dict().items()
+                              if k in ("dynamics", "cost", "dyn_opt", "cost_opt", "buffer", "generator",
+                                       "iteration", "history")})
+
+    def selection_loss(self) -> float:
+        """The restart selection score: the training imitation loss (the cost loss, all samples of the
+        batch) averaged over the last ``min(10, iterations)`` cost iterations."""
+        return float(np.mean([h["loss"] for h in self.history[-_SELECT_LAST:]]))
+
+    def _finish_restart(self) -> None:
+        """Record the finished restart; keep its state if its selection loss is the lowest so far."""
+        loss = self.selection_loss()
+        if self.best is None or loss < min(r["selection_loss"] for r in self.restarts):
+            self.best = self._trained_state() | {"restart": self.restart}
+        self.restarts.append({"restart": self.restart, "selection_loss": loss})
+
+    def _begin_restart(self, r: int) -> None:
+        """Restart ``r`` >= 1: the warmed-up state, its own generator, the cost init perturbed."""
+        start = self.restart_start
+        self.dynamics.load_state_dict(start["dynamics"])
+        self.cost.load_state_dict(start["cost"])
+        self.dyn_opt.load_state_dict(start["dyn_opt"])
+        self.cost_opt.load_state_dict(start["cost_opt"])
+        self.buffer = tuple(t.to(self.device) for t in start["buffer"])
+        self.generator.manual_seed(self.seed + _RESTART_SEED_STRIDE * r)
+        with torch.no_grad():
+            for p in self.cost.parameters():
+                noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
+                p.add_(self.config.restart_init_std * noise)
+        self.restart, self.iteration, self.history = r, 0, []
+
+    def _keep_best(self) -> None:
+        best = self.best
+        self.dynamics.load_state_dict(best["dynamics"])
+        self.cost.load_state_dict(best["cost"])
+        self.dyn_opt.load_state_dict(best["dyn_opt"])
+        self.cost_opt.load_state_dict(best["cost_opt"])
+        self.buffer = tuple(t.to(self.device) for t in best["buffer"])
+        self.generator.set_state(best["generator"])
+        self.iteration, self.history = best["iteration"], list(best["history"])
+
+    @property
+    def restarts_done(self) -> bool:
+        return len(self.restarts) == self.config.cost_restarts
+
     # ------------------------------------------------------------------ Alg. 2
     def run(
         self, progress: bool = True, resume: bool = False, stop_after: int | None = None
     ) -> dict[str, Any]:
         """Train to ``config.iterations`` cost iterations (``stop_after``: stop early, for tests).
 
-        Checkpoints every ``checkpoint_every`` iterations and on Ctrl-C (then re-raises).
+        With ``cost_restarts = K > 1`` the alternation after the warm-up runs K times from the same
+        warmed-up state (restart ``r >= 1``: its own generator, the cost init perturbed, see
+        :class:`IfOConfig`) and the restart with the lowest :meth:`selection_loss` — the training imitation
+        loss, IfO's own objective; nothing from the environment's reward — is kept (models, history); the
+        per-restart losses are in ``summary()["cost_restarts"]``. ``stop_after`` counts the iterations of the
+        restart under way. Checkpoints every ``checkpoint_every`` iterations, between restarts and on
+        Ctrl-C (then re-raises).
         """
-        from tqdm import tqdm
-
         cfg = self.config
         if resume:
             self.resume()
         t0 = time.perf_counter() - self.elapsed
-        # Ctrl-C saves the state at the start of the interrupted iteration, not a half-done one: resuming
-        # from it replays that iteration exactly (same generator draws), as an uninterrupted run would.
-        snapshot = copy.deepcopy(self.state_dict())
+        self._snapshot = copy.deepcopy(self.state_dict())  # what Ctrl-C saves (see _alternate)
         try:
             if not self.warmed_up:
                 self.warmup(progress)
+                if cfg.cost_restarts > 1:
+                    self.restart_start = self._trained_state()
                 self.elapsed = time.perf_counter() - t0
                 self.save()
-            bar = tqdm(
-                total=cfg.iterations,
-                initial=self.iteration,
-                desc="IfO (cost through MPC)",
-                disable=not progress,
-            )
+            while True:
+                stopped = self._alternate(progress, stop_after, t0)
+                if stopped or cfg.cost_restarts == 1 or self.restarts_done:
+                    break
+                self._finish_restart()
+                if self.restarts_done:
+                    self._keep_best()
+                else:
+                    self._begin_restart(self.restart + 1)
+                self.elapsed = time.perf_counter() - t0
+                self.save()
+        except KeyboardInterrupt:
+            if self.checkpoint_path is not None:
+                save_checkpoint(self.checkpoint_path, self._snapshot)
+            raise
+        self.elapsed = time.perf_counter() - t0
+        self.save()
+        return self.summary()
+
+    def _alternate(self, progress: bool, stop_after: int | None, t0: float) -> bool:
+        """Alg. 2's alternation up to ``config.iterations``; True if ``stop_after`` stopped it."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        restart = f" restart {self.restart + 1}/{cfg.cost_restarts}" if cfg.cost_restarts > 1 else ""
+        # Ctrl-C saves the state at the start of the interrupted iteration, not a half-done one: resuming
+        # from it replays that iteration exactly (same generator draws), as an uninterrupted run would.
+        self._snapshot = copy.deepcopy(self.state_dict())
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="IfO (cost through MPC)" + restart,
+                   disable=not progress)
+        try:
             while self.iteration < cfg.iterations:
                 if stop_after is not None and self.iteration >= stop_after:
-                    break
-                snapshot = copy.deepcopy(self.state_dict())
+                    return True
+                self._snapshot = copy.deepcopy(self.state_dict())
                 self.query(cfg.dyn_queries_per_iter)
                 dyn_loss = self.dynamics_steps(cfg.dyn_steps_per_iter)
                 rec = self.cost_step()
@@ -569,14 +669,9 @@ class IfOTrainer:
                 report(iteration=self.iteration, loss=rec["loss"], converged=rec["converged"])
                 if self.iteration % cfg.checkpoint_every == 0:
                     self.save()
+        finally:
             bar.close()
-        except KeyboardInterrupt:
-            if self.checkpoint_path is not None:
-                save_checkpoint(self.checkpoint_path, snapshot)
-            raise
-        self.elapsed = time.perf_counter() - t0
-        self.save()
-        return self.summary()
+        return False
 
     def summary(self) -> dict[str, Any]:
         c = self.cost
@@ -593,7 +688,8 @@ class IfOTrainer:
             "learned_weights": c.weights.detach().tolist(),
             "dyn_loss_final": self.dyn_history[-1] if self.dyn_history else None,
             "history": self.history,
-        }
+        } | ({"cost_restarts": self.restarts, "kept_restart": self.best["restart"] if self.best else None}
+             if self.config.cost_restarts > 1 else {})
 
 
 class IfOModels(NamedTuple):

@@ -16,6 +16,7 @@ the cost starts at the mean expert state (``cost_init="expert_mean"``).
     python examples/pendulum_ifo.py --out runs/pendulum_ifo            # the full run (results.json, video)
     python examples/pendulum_ifo.py --out runs/pendulum_smoke --smoke  # seconds: the test suite's setting
     python examples/pendulum_ifo.py --out runs/pendulum_seeds --seeds 5  # 5 training seeds: paired diffs
+    python examples/pendulum_ifo.py --out runs/pendulum_restarts --seeds 5 --cost-restarts 3  # IfOConfig
 """
 
 from __future__ import annotations
@@ -76,11 +77,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=60, help="IfO cost iterations")
     p.add_argument("--cost-init", choices=("expert_mean", "random"), default="expert_mean",
                    help="where the learned cost's target starts (IfOConfig.cost_init)")
+    p.add_argument("--cost-restarts", type=int, default=1,
+                   help="IfOConfig.cost_restarts: run the alternation after the warm-up K times and keep the "
+                        "run with the lowest final training imitation loss")
+    p.add_argument("--only", type=int, nargs="+", metavar="S",
+                   help="with --seeds: train and evaluate only these training seeds and write no aggregate "
+                        "(to run seeds in parallel processes; a later call without --only reuses them)")
     p.add_argument("--no-circle", action="store_true",
                    help="ablation: do not declare the (cos, sin) pair (free target and two weights for it)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds): for the test suite")
     args = p.parse_args(argv)
-    for name in ("seeds", "episodes", "horizon", "eval_seeds", "iterations"):
+    if args.only and (args.seeds == 1 or not set(args.only) <= set(range(args.seed, args.seed + args.seeds))):
+        p.error(f"--only takes training seeds of --seed {args.seed} --seeds {args.seeds} (needs --seeds > 1)")
+    for name in ("seeds", "episodes", "horizon", "eval_seeds", "iterations", "cost_restarts"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -133,11 +142,14 @@ def learned_cost_of(run_dir: Path, last: int = 10) -> dict[str, Any]:
     """What IfO learned in ``run_dir/ifo``: the cost's target and weights (on (cos θ, sin θ, θ̇)) and its own
     training objective at the end, the imitation loss averaged over the ``last`` cost iterations."""
     path = run_dir / "ifo" / "ifo_checkpoint.pt"
-    _, cost, _, _ = load_ifo_checkpoint(path)
-    history = load_checkpoint(path, {"kind": "ifo"})["history"]
+    _, cost, cfg, _ = load_ifo_checkpoint(path)
+    state = load_checkpoint(path, {"kind": "ifo"})
+    history = state["history"]
+    restarts = {"cost_restarts": state["restarts"], "kept_restart": state["best"]["restart"]} \
+        if cfg.cost_restarts > 1 else {}
     return {"learned_target": cost.target.detach().tolist(),
             "learned_weights": cost.weights.detach().tolist(),
-            f"imitation_loss_last_{last}": float(np.mean([h["loss"] for h in history[-last:]]))}
+            f"imitation_loss_last_{last}": float(np.mean([h["loss"] for h in history[-last:]])), **restarts}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -175,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = IfOConfig(hidden=(64, 64), warmup_queries=20000, warmup_steps=2000, iterations=args.iterations,
                     cost_batch=32, horizon=args.horizon, curriculum_iters=max(1, args.iterations // 2),
                     n_samples=100, cem_iterations=3, newton_iters=20, eval_samples=200, eval_cem_iterations=4,
-                    eval_newton_iters=3, checkpoint_every=10, cost_init=args.cost_init)
+                    eval_newton_iters=3, checkpoint_every=10, cost_init=args.cost_init,
+                    cost_restarts=args.cost_restarts)
     if args.smoke:
         cfg = replace(cfg, hidden=(16, 16), warmup_queries=500, warmup_steps=50, iterations=2, cost_batch=8,
                       horizon=3, curriculum_iters=1, n_samples=16, cem_iterations=1, newton_iters=3,
@@ -241,9 +254,10 @@ def multi_seed(args: argparse.Namespace, out: Path, command: str, make_env: Any,
     t_start = time.perf_counter()
     progress = not args.smoke
     x, x_next = data.transitions()
-    expert_eval = evaluate_in_env(expert, make_env, seeds, progress=progress)
-    print(f"  expert: return {expert_eval['mean_return']:8.1f} ± {expert_eval['return_stderr']:.1f} over "
-          f"{len(seeds)} episodes")
+    expert_eval = None if args.only else evaluate_in_env(expert, make_env, seeds, progress=progress)
+    if expert_eval is not None:
+        print(f"  expert: return {expert_eval['mean_return']:8.1f} ± {expert_eval['return_stderr']:.1f} "
+              f"over {len(seeds)} episodes")
     settings = {"ifo_config": cfg.to_dict(), "bc_config": bc_cfg.to_dict(), "bco_config": asdict(bco_cfg),
                 "task": task.to_dict(), "eval_seeds": seeds,
                 "dataset_states_sha256": data.meta["states_sha256"]}
@@ -251,6 +265,8 @@ def multi_seed(args: argparse.Namespace, out: Path, command: str, make_env: Any,
     per_seed = {}
     for k in range(args.seeds):
         seed = args.seed + k
+        if args.only and seed not in args.only:
+            continue
         run_dir = out / f"seed_{seed}"
         done = run_dir / "results.json"
         if done.is_file():
@@ -276,6 +292,9 @@ def multi_seed(args: argparse.Namespace, out: Path, command: str, make_env: Any,
         print(f"seed {seed}: " + ", ".join(f"{n} {r['mean_return']:.1f}" for n, r in evaluation.items())
               + f" ({per_seed[seed]['cpu_s']:.0f} CPU s)")
 
+    if args.only:
+        print(f"trained seeds {sorted(per_seed)} (--only: no aggregate)")
+        return {"per_seed": per_seed}
     train_seeds = sorted(per_seed)
     for seed in train_seeds:  # read from the checkpoints (also for seeds finished by an earlier call)
         per_seed[seed].update(learned_cost_of(out / f"seed_{seed}"))

@@ -660,3 +660,44 @@ def test_cli_circle_dims_are_validated_recorded_and_loaded_back(tmp_path, capsys
                      "--policy", f"bc:{tmp_path / 'bc'}", "--out", str(out), "--no-progress"]) == 0
     ev = json.loads((out / "results.json").read_text())["evaluation"]
     assert [len(r["episode_returns"]) for r in ev.values()] == [2, 2]
+
+
+def test_cost_restarts_keep_the_lowest_training_loss_and_resume(pairs, tmp_path):
+    """`cost_restarts`: K = 1 is the plain run (restart 0 of K > 1 replays it exactly, the config dict has no
+    new keys); the restart with the lowest selection loss is the one whose models and history are kept;
+    an interrupted K > 1 run resumes to the uninterrupted one."""
+    x, xn = pairs
+    cfg1, cfg2 = TINY, replace(TINY, cost_restarts=2)
+    assert "cost_restarts" not in cfg1.to_dict() and IfOConfig.from_dict(cfg2.to_dict()) == cfg2
+    one = IfOTrainer(x, xn, cfg1, seed=2)
+    one.run(progress=False)
+    two = IfOTrainer(x, xn, cfg2, seed=2)
+    s = two.run(progress=False)
+    losses = [r["selection_loss"] for r in s["cost_restarts"]]
+    assert [r["restart"] for r in s["cost_restarts"]] == [0, 1] and losses[0] == one.selection_loss()
+    assert losses[0] != losses[1] and s["kept_restart"] == int(np.argmin(losses))
+    assert two.selection_loss() == min(losses) and two.iteration == TINY.iterations
+
+    class Forced(IfOTrainer):  # selection losses chosen by the test: restart 1 must be kept
+        def selection_loss(self):
+            return (0.3, 0.1, 0.2)[self.restart]
+
+    kept = {}
+    for k in (2, 3):
+        tr = Forced(x, xn, replace(TINY, cost_restarts=k), seed=2)
+        assert tr.run(progress=False)["kept_restart"] == 1
+        kept[k] = params(tr.dynamics) + params(tr.cost) + [torch.tensor([h["loss"] for h in tr.history])]
+    first = params(one.dynamics) + params(one.cost)
+    assert any(not torch.equal(a, b) for a, b in zip(first, kept[3], strict=False))  # not restart 0
+    for a, b in zip(kept[2], kept[3], strict=True):  # restart 1 of K = 2 and of K = 3: the same state
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    part = IfOTrainer(x, xn, cfg2, seed=2, out=tmp_path)
+    part.run(progress=False, stop_after=3)
+    resumed = IfOTrainer(x, xn, cfg2, seed=2, out=tmp_path)
+    assert resumed.run(progress=False, resume=True)["cost_restarts"] == s["cost_restarts"]
+    for a, b in zip(params(two.dynamics) + params(two.cost), params(resumed.dynamics) + params(resumed.cost),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(BadArgumentError, match="cost_restarts"):
+        IfOConfig(cost_restarts=0)
