@@ -78,6 +78,11 @@ FIGURES: dict[str, Figure] = {
         ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10"],
         {"results.json": "pendulum_ifo_seeds.json"},
         minutes="~30 (expert data ~11, then ~1 CPU min per training seed: IfO + BC + BCO + evaluation)"),
+    # the same with IfOConfig.cost_restarts = 3 (the lowest final training imitation loss of 3 kept)
+    "pendulum_ifo_seeds_restarts": Figure(
+        ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--cost-restarts", "3"],
+        {"results.json": "pendulum_ifo_seeds_restarts.json"},
+        minutes="~40 (expert data ~11, then ~2 CPU min per training seed)"),
     # reads seed 2 of the entry above (a seed where MPC_IFT fails): which learned part is wrong
     "pendulum_ifo_diagnosis_seed2": Figure(
         ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo_seeds/seed_2",

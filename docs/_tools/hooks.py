@@ -149,10 +149,11 @@ def pendulum_ifo() -> str:
     return "\n".join(lines) + "\n\n" + _source(path, d.get("command"))
 
 
-def pendulum_ifo_seeds() -> str:
+def pendulum_ifo_seeds(name: str = "pendulum_ifo_seeds.json") -> str:
     """``examples/pendulum_ifo.py --seeds K``: each policy's return over K training seeds (same expert data,
-    same evaluation episodes) and the paired differences with their standard errors over the seeds."""
-    path = FIGURES / "pendulum_ifo_seeds.json"
+    same evaluation episodes) and the paired differences with their standard errors over the seeds; with
+    ``--cost-restarts`` also each restart's selection loss per seed (the kept one in bold)."""
+    path = FIGURES / name
     d = _load(path)
     k, summary = len(d["training_seeds"]), d["summary"]
     lines = [f"| policy | return: mean over {k} training seeds ± s.e. | min … max over seeds |",
@@ -167,13 +168,20 @@ def pendulum_ifo_seeds() -> str:
     for name, r in d["paired_differences"].items():
         lines.append(f"| {name} | {r['mean']:+.2f} ± {r['stderr_over_seeds']:.2f} | "
                      f"{100 * r['relative_to_b']:+.2f} % | {r['seeds_a_better']} of {k} |")
+    restarts = d["ifo_config"].get("cost_restarts", 1) > 1
+    extra = (" per restart (selection loss; kept in bold)", "---|") if restarts else ("", "")
     lines += ["", "| training seed | MPC_IFT return | BC return | learned weights (cos θ, sin θ, θ̇) | IfO "
-              "imitation loss, last 10 iterations |", "|---|---|---|---|---|"]
+              f"imitation loss, last 10 iterations |{extra[0] and ' IfO imitation loss' + extra[0] + ' |'}",
+              "|---|---|---|---|---|" + extra[1]]
     for seed, r in d["per_seed"].items():
         w = ", ".join(f"{v:.3f}" for v in r["learned_weights"])
         ret = {n: r["evaluation"][n]["mean_return"] for n in ("MPC_IFT", "BC")}
-        lines.append(f"| {seed} | {ret['MPC_IFT']:.1f} | {ret['BC']:.1f} | ({w}) | "
-                     f"{r['imitation_loss_last_10']:.4f} |")
+        row = (f"| {seed} | {ret['MPC_IFT']:.1f} | {ret['BC']:.1f} | ({w}) | "
+               f"{r['imitation_loss_last_10']:.4f} |")
+        if restarts:
+            row += " " + ", ".join(f"**{c['selection_loss']:.4f}**" if c["restart"] == r["kept_restart"]
+                                   else f"{c['selection_loss']:.4f}" for c in r["cost_restarts"]) + " |"
+        lines.append(row)
     ev, cpu = d["eval_seeds"], d["cpu_s_per_seed"]
     lines += ["", f"Training seeds {d['training_seeds'][0]}–{d['training_seeds'][-1]} on one expert dataset "
               f"(seed {d['data_seed']}); every policy on the same {len(ev)} episodes (seeds "
@@ -260,6 +268,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "pendulum_ifo": pendulum_ifo,
     "pendulum_ifo_diagnosis": pendulum_ifo_diagnosis,
     "pendulum_ifo_seeds": pendulum_ifo_seeds,
+    "pendulum_ifo_seeds_restarts": lambda: pendulum_ifo_seeds("pendulum_ifo_seeds_restarts.json"),
     # the same diagnosis on a training seed where MPC_IFT failed (seed 2 of the multi-seed run)
     "pendulum_ifo_diagnosis_seed2": lambda: pendulum_ifo_diagnosis("pendulum_ifo_diagnosis_seed2.json"),
     "bench_headlines": bench_headlines,
