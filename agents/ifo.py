@@ -564,7 +564,9 @@ class IfOTrainer:
         loss = self.selection_loss()
         if self.best is None or loss < min(r["selection_loss"] for r in self.restarts):
             self.best = self._trained_state() | {"restart": self.restart}
-        self.restarts.append({"restart": self.restart, "selection_loss": loss})
+        self.restarts.append({"restart": self.restart, "selection_loss": loss,
+                              "solves": sum(h["solves"] for h in self.history),
+                              "solves_converged": sum(h["solves_converged"] for h in self.history)})
 
     def _begin_restart(self, r: int) -> None:
         """Restart ``r`` >= 1: the warmed-up state, its own generator, the cost init perturbed."""

@@ -677,6 +677,8 @@ def test_cost_restarts_keep_the_lowest_training_loss_and_resume(pairs, tmp_path)
     assert [r["restart"] for r in s["cost_restarts"]] == [0, 1] and losses[0] == one.selection_loss()
     assert losses[0] != losses[1] and s["kept_restart"] == int(np.argmin(losses))
     assert two.selection_loss() == min(losses) and two.iteration == TINY.iterations
+    assert all(r["solves"] == TINY.iterations * TINY.cost_batch >= r["solves_converged"]
+               for r in s["cost_restarts"])
 
     class Forced(IfOTrainer):  # selection losses chosen by the test: restart 1 must be kept
         def selection_loss(self):

@@ -187,9 +187,19 @@ def pendulum_ifo_seeds(name: str = "pendulum_ifo_seeds.json") -> str:
               f"(seed {d['data_seed']}); every policy on the same {len(ev)} episodes (seeds "
               f"{ev[0]}–{ev[-1]}), "
               f"the expert evaluated once. IfO: {d['ifo_mpc_solves'] - d['ifo_mpc_unconverged']} of "
-              f"{d['ifo_mpc_solves']} MPC solves converged. CPU per training seed (IfO + BC + BCO + "
+              f"{d['ifo_mpc_solves']} MPC solves converged{_all_restarts(d)}. CPU per training seed (IfO + "
+              "BC + BCO + "
               f"evaluation, {d['threads']} thread): {min(cpu):.0f}–{max(cpu):.0f} s."]
     return "\n".join(lines) + "\n\n" + _source(path, d.get("command"))
+
+
+def _all_restarts(d: dict) -> str:
+    """With restarts: the converged count over every restart's solves (the count above: the kept ones)."""
+    runs = [c for r in d["per_seed"].values() for c in r.get("cost_restarts", [])]
+    if not runs:
+        return ""
+    n, ok = sum(c["solves"] for c in runs), sum(c["solves_converged"] for c in runs)
+    return f" in the kept restarts, {ok} of {n} in all restarts"
 
 
 def pendulum_ifo_diagnosis(name: str = "pendulum_ifo_diagnosis.json") -> str:
