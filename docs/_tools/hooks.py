@@ -196,7 +196,7 @@ def pendulum_ifo_seeds(name: str = "pendulum_ifo_seeds.json") -> str:
 def _all_restarts(d: dict) -> str:
     """With restarts: the converged count over every restart's solves (the count above: the kept ones)."""
     runs = [c for r in d["per_seed"].values() for c in r.get("cost_restarts", [])]
-    if not runs:
+    if not runs or any("solves" not in c for c in runs):
         return ""
     n, ok = sum(c["solves"] for c in runs), sum(c["solves_converged"] for c in runs)
     return f" in the kept restarts, {ok} of {n} in all restarts"
