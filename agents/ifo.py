@@ -554,6 +554,14 @@ class IfOTrainer:
                               if k in ("dynamics", "cost", "dyn_opt", "cost_opt", "buffer", "generator",
                                        "iteration", "history")})
 
+    def _load_models(self, state: dict[str, Any]) -> None:
+        """Models, optimisers and replay buffer from a :meth:`_trained_state` record."""
+        self.dynamics.load_state_dict(state["dynamics"])
+        self.cost.load_state_dict(state["cost"])
+        self.dyn_opt.load_state_dict(state["dyn_opt"])
+        self.cost_opt.load_state_dict(state["cost_opt"])
+        self.buffer = tuple(t.to(self.device) for t in state["buffer"])
+
     def selection_loss(self) -> float:
         """The restart selection score: the training imitation loss (the cost loss, all samples of the
         batch) averaged over the last ``min(10, iterations)`` cost iterations."""
@@ -570,12 +578,7 @@ class IfOTrainer:
 
     def _begin_restart(self, r: int) -> None:
         """Restart ``r`` >= 1: the warmed-up state, its own generator, the cost init perturbed."""
-        start = self.restart_start
-        self.dynamics.load_state_dict(start["dynamics"])
-        self.cost.load_state_dict(start["cost"])
-        self.dyn_opt.load_state_dict(start["dyn_opt"])
-        self.cost_opt.load_state_dict(start["cost_opt"])
-        self.buffer = tuple(t.to(self.device) for t in start["buffer"])
+        self._load_models(self.restart_start)
         self.generator.manual_seed(self.seed + _RESTART_SEED_STRIDE * r)
         with torch.no_grad():
             for p in self.cost.parameters():
@@ -585,11 +588,7 @@ class IfOTrainer:
 
     def _keep_best(self) -> None:
         best = self.best
-        self.dynamics.load_state_dict(best["dynamics"])
-        self.cost.load_state_dict(best["cost"])
-        self.dyn_opt.load_state_dict(best["dyn_opt"])
-        self.cost_opt.load_state_dict(best["cost_opt"])
-        self.buffer = tuple(t.to(self.device) for t in best["buffer"])
+        self._load_models(best)
         self.generator.set_state(best["generator"])
         self.iteration, self.history = best["iteration"], list(best["history"])
 
