@@ -30,6 +30,9 @@ __all__ = [
     "EVAL_SEED",
     "plot_trajectories",
     "render_comparison",
+    "plot_state_trajectories",
+    "record_side_by_side",
+    "evaluate_in_env",
 ]
 
 START_VARIANCES = {"low": 0.04, "high": 0.08}
@@ -181,6 +184,35 @@ def plot_trajectories(rollouts: Mapping[str, Mapping[str, Tensor]], path: Any, i
     return path
 
 
+def plot_state_trajectories(trajectories: Mapping[str, Any], path: Any, dims: Any = None,
+                            title: str | None = None) -> Any:
+    """Any env's counterpart of :func:`plot_trajectories`: one panel per state/observation dimension (or
+    the ``dims`` given), each policy's trajectory ``(T+1, n)`` over the steps; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    arrays = {name: np.asarray(t, dtype=float).reshape(len(t), -1) for name, t in trajectories.items()}
+    if not arrays:
+        raise ValueError("plot_state_trajectories needs at least one trajectory")
+    n = next(iter(arrays.values())).shape[1]
+    dims = list(range(n)) if dims is None else [int(d) for d in dims]
+    fig, axes = plt.subplots(len(dims), 1, figsize=(7, 1.8 * len(dims) + 0.8), sharex=True, squeeze=False)
+    for ax, d in zip(axes[:, 0], dims, strict=True):
+        for name, a in arrays.items():
+            ax.plot(np.arange(len(a)), a[:, d], label=name)
+        ax.set_ylabel(f"x[{d}]")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].legend(fontsize="small")
+    if title:
+        axes[0, 0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def render_comparison(
     rollouts: Mapping[str, Mapping[str, Tensor]],
     path: Any,
@@ -291,10 +323,13 @@ def evaluate_in_env(policy: Any, env_id: str | Callable[[], Any], seeds: Any, ma
 
 
 def record_side_by_side(policies: Mapping[str, Any], env_id: str | Callable[[], Any], path: Any,
-                        seed: int = 0, max_steps: int | None = None, fps: float | None = None) -> list[Any]:
+                        seed: int = 0, max_steps: int | None = None, fps: float | None = None,
+                        rollouts: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     """One episode per policy from the same seed of any env (``render_mode="rgb_array"``), written side by
     side and labelled with each episode's return (mp4 + gif, :func:`envs.video.side_by_side`); ``fps``
-    defaults to the env's ``metadata["render_fps"]``."""
+    defaults to the env's ``metadata["render_fps"]``. A dict passed as ``rollouts`` receives each policy's
+    episode (the stats of :func:`envs.video.rollout_frames`: ``observations``, ``actions``, ``return``,
+    ``steps``, ...)."""
     import gymnasium as gym
 
     from envs.video import rollout_frames, side_by_side
@@ -314,4 +349,6 @@ def record_side_by_side(policies: Mapping[str, Any], env_id: str | Callable[[], 
         f, stats = rollout_frames(env, single, seed=seed, max_steps=max_steps)
         env.close()
         frames[f"{name} (return {stats['return']:.0f})"] = f
+        if rollouts is not None:
+            rollouts[name] = stats
     return side_by_side(frames, path, fps=fps or env_fps)

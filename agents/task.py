@@ -13,6 +13,10 @@ no raw angle; declare its ``(cos, sin)`` pair instead: ``Task.from_env("Pendulum
 The simulator query ``F(x (N, n), u (N, m)) -> x' (N, n)`` (a batched torch function) is *not* data: pass
 it to the trainer. :func:`simulator_for` returns the fast batched one for our envs, or steps the env
 itself when it can be set to a state (``reset(options={"state": x})``), and otherwise says to pass one.
+From the command line it is ``--simulator module:function`` (:func:`import_simulator`).
+
+Env ids read from files (dataset metadata, checkpoints) are never of Gymnasium's ``module:EnvId`` form:
+``gymnasium.make`` would import ``module``, and a file must not choose code to run (:func:`recorded_env_id`).
 """
 
 from __future__ import annotations
@@ -27,13 +31,19 @@ from torch import Tensor
 
 from diffmpc.errors import BadArgumentError
 
-__all__ = ["Task", "TaskError", "CARTPOLE", "simulator_for", "env_simulator", "Simulator"]
+__all__ = ["Task", "TaskError", "CARTPOLE", "simulator_for", "env_simulator", "Simulator", "import_simulator",
+           "recorded_env_id", "make_env_by_id", "SIMULATOR_HINT"]
 
 Simulator = Callable[[Tensor, Tensor], Tensor]
 
 
 class TaskError(BadArgumentError):
     """The environment, data or simulator do not fit the task (dimensions, bounds, settable state)."""
+
+
+# How to pass the simulator query, in every message that asks for one (Python API and command line).
+SIMULATOR_HINT = ("pass a simulator: a batched torch function F(x (N, n), u (N, m)) -> x' (N, n) (Python: "
+                  "simulator=F; command line: --simulator module:function)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class Task:
         if pairs and angles:
             raise TaskError("declare angles either as angle_dims (raw angles) or as circle_dims ((cos, sin) "
                             "pairs), not both")
+        if self.env_id is not None:
+            object.__setattr__(self, "env_id", recorded_env_id(self.env_id, "the task"))
         object.__setattr__(self, "circle_dims", pairs)
         object.__setattr__(self, "u_low", low)
         object.__setattr__(self, "u_high", high)
@@ -133,7 +145,7 @@ class Task:
         import gymnasium as gym
 
         own = isinstance(env, str)
-        e = _make(env) if own else env
+        e = make_env_by_id(env) if own else env
         try:
             obs_space = getattr(e, "single_observation_space", e.observation_space)
             act_space = getattr(e, "single_action_space", e.action_space)
@@ -143,8 +155,8 @@ class Task:
                 if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
                     raise TaskError(f"the env needs a flat Box observation space, got {obs_space}")
                 state_dim = int(obs_space.shape[0])
-            spec = getattr(e, "spec", None)
-            env_id = env if own else (spec.id if spec is not None else None)
+            spec = getattr(e, "spec", None)  # its id: a registered id (``module:`` prefix stripped)
+            env_id = spec.id if spec is not None else None
             return cls(state_dim, int(act_space.shape[0]), tuple(act_space.low.tolist()),
                        tuple(act_space.high.tolist()), tuple(angle_dims), env_id,
                        circle_dims)  # validated by __post_init__
@@ -166,12 +178,73 @@ def _index_pairs(pairs: Any) -> tuple[tuple[int, int], ...]:
     return out  # type: ignore[return-value]
 
 
-def _make(env_id: str) -> Any:
+def recorded_env_id(env_id: Any, source: str) -> str:
+    """``env_id`` as read from ``source`` (a dataset's metadata, a checkpoint), checked to be a plain id.
+
+    Gymnasium's ``module:EnvId`` form makes ``gymnasium.make`` import ``module``: fine on the user's own
+    command line (it is their code), never for a name found in a file. Raises :class:`TaskError` naming the
+    id and the source."""
+    if not isinstance(env_id, str) or not env_id.strip():
+        raise TaskError(f"{source} records no valid env id, got {env_id!r}")
+    if ":" in env_id:
+        raise TaskError(f"{source} records the env id {env_id!r}, which names a module to import; an env id "
+                        "read from a file must be a registered id like 'Pendulum-v1' (the module part is "
+                        "not imported)")
+    return env_id
+
+
+def make_env_by_id(env_id: str, **kwargs: Any) -> Any:
+    """``gymnasium.make(env_id)`` after registering our envs; an id Gymnasium does not know raises
+    :class:`TaskError` naming it (register your env first: import the module that calls
+    ``gymnasium.register``, e.g. through ``--simulator module:function`` or ``--env module:EnvId``)."""
     import gymnasium as gym
 
     import envs  # noqa: F401 - registers our envs
 
-    return gym.make(env_id)
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.UnregisteredEnv as err:  # NameNotFound, VersionNotFound, NamespaceNotFound, ...
+        raise TaskError(f"env {env_id!r} is not registered in this process ({err}); import the module that "
+                        "registers it (gymnasium.register) first, e.g. pass its id as module:EnvId on the "
+                        "command line") from err
+
+
+def import_simulator(spec: str) -> Simulator:
+    """The simulator query named by ``spec = "module:function"`` (the command line's ``--simulator``), in the
+    style of ``python -m`` / uvicorn's ``module:app``: ``module`` is imported with the current directory on
+    ``sys.path`` (as ``python -m`` puts it there), ``function`` may be a dotted attribute path, and the result
+    must be callable, a batched torch function ``F(x (N, n), u (N, m)) -> x' (N, n)``.
+
+    Only for names the user typed: never call it with a name read from a file. A missing colon, a module that
+    is not found, a missing attribute or a non-callable raise :class:`TaskError` naming the problem; an
+    exception raised by the module's own code while importing it propagates unchanged (a bug in it, with its
+    traceback)."""
+    import importlib
+    import os
+    import sys
+
+    module_name, colon, attr = (spec or "").partition(":")
+    module_name, attr = module_name.strip(), attr.strip()
+    if not colon or not module_name or not attr:
+        raise TaskError(f"--simulator {spec!r} is not of the form module:function (e.g. "
+                        "examples.pendulum_ifo:pendulum_step)")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the console script lacks it; python -m has it
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise TaskError(f"--simulator {spec!r}: module {module_name!r} not found (searched the current "
+                            f"directory {os.getcwd()} and the installed packages)") from err
+        raise TaskError(f"--simulator {spec!r}: importing {module_name!r} failed: {err}") from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TaskError(f"--simulator {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TaskError(f"--simulator {spec!r} is a {type(obj).__name__}, not a callable F(x, u) -> x'")
+    return obj
 
 
 def _cartpole() -> Task:
@@ -194,7 +267,7 @@ def env_simulator(env: Any) -> Simulator:
     """A batched simulator query that steps ``env`` itself: for each row, ``reset(options={"state": x})`` then
     ``step(u)``; the next state is ``info["state"]`` (else the observation). Slow (one Python step per
     query) but exact. Raises :class:`TaskError` when the env cannot be set to a state."""
-    e = _make(env) if isinstance(env, str) else env
+    e = make_env_by_id(env) if isinstance(env, str) else env
     name = e.spec.id if getattr(e, "spec", None) is not None else type(e.unwrapped).__name__
     probe = None
     try:
@@ -208,8 +281,7 @@ def env_simulator(env: Any) -> Simulator:
     if not settable:
         raise TaskError(
             f"{name} cannot be set to a state (reset(options={{'state': x}}) is not supported), so the "
-            "learner cannot query it at the expert's states; pass a simulator: a batched torch function "
-            "F(x (N, n), u (N, m)) -> x' (N, n)")
+            f"learner cannot query it at the expert's states; {SIMULATOR_HINT}")
 
     def simulate(x: Tensor, u: Tensor) -> Tensor:
         out = []
@@ -234,6 +306,5 @@ def simulator_for(task: Task, simulator: Simulator | None = None) -> Simulator:
     if task.env_id == envs.CARTPOLE_ID and task.state_dim == 4:
         return _cartpole_simulator
     if task.env_id is None:
-        raise TaskError("the task names no env; pass a simulator: a batched torch function "
-                        "F(x (N, n), u (N, m)) -> x' (N, n)")
+        raise TaskError(f"the task names no env; {SIMULATOR_HINT}")
     return env_simulator(task.env_id)

@@ -42,8 +42,10 @@ def _check_plannable(env_id: str) -> None:
 
     if env_id != envs.CARTPOLE_ID:
         raise BadArgumentError(f"--env {env_id}: the sampling expert plans with the cart-pole's true model "
-                               f"and cannot plan for it; use --env {envs.CARTPOLE_ID}, or an "
-                               "agents.MPCPolicy on a model of that env")
+                               f"and cannot plan for it; use --env {envs.CARTPOLE_ID}, or write the dataset "
+                               "from Python with any expert: agents.dataset.generate_dataset(path, "
+                               "expert=..., env=...), e.g. an agents.MPCPolicy on a model of that env "
+                               "(docs/own_env.md)")
 
 
 def run_expert(args: Any) -> int:
@@ -73,6 +75,7 @@ def run_dataset(args: Any) -> int:
     from diffmpc.io import write_results
 
     check_int("--episodes", args.episodes, 1)
+    _check_plannable(args.env)
     config = config_from_args(args)
     out = Path(args.out)
     target = out / args.name

@@ -88,9 +88,9 @@ def task_of_dataset(meta: dict[str, Any], angle_dims: list[int] | None = None,
     pairs, e.g. ``[(0, 1)]`` for Pendulum-v1) say otherwise. Bad dims raise :class:`agents.task.TaskError`
     naming the index."""
     import envs
-    from agents.task import CARTPOLE, Task
+    from agents.task import CARTPOLE, Task, recorded_env_id
 
-    env_id = meta.get("env_id") or envs.CARTPOLE_ID
+    env_id = recorded_env_id(meta.get("env_id") or envs.CARTPOLE_ID, "the dataset's metadata")
     if env_id == envs.CARTPOLE_ID and angle_dims is None and not circle_dims:
         return CARTPOLE
     return Task.from_env(env_id, angle_dims or (), state_dim=meta.get("state_dim"),
@@ -109,28 +109,33 @@ def train_ifo(
     device: str | None = None,
     circle_dims: list[tuple[int, int]] | None = None,
     cost_init: str | None = None,
+    cost_restarts: int | None = None,
+    simulator: str | None = None,
 ) -> dict[str, Any]:
     """Alg. 2 on the dataset's expert pairs on ``device``; checkpoint and ``results.json`` under ``out``.
 
     A checkpoint already under ``out`` is continued (``resume``) only if it was trained on the same dataset
-    file (SHA-256), config, task and seed; without ``resume`` it is refused unless ``overwrite``. Any env
-    whose state can be set (``reset(options={"state": x})``) works; its task comes from the dataset's
-    metadata and ``angle_dims``/``circle_dims`` (:func:`task_of_dataset`) and is stored in the checkpoint,
-    so evaluation and BC load it back without them. ``cost_init`` overrides the preset's
-    :attr:`agents.ifo.IfOConfig.cost_init`."""
-    from dataclasses import replace
-
-    from agents.ifo import IFO_PRESETS, IfOTrainer
+    file (SHA-256), config, task, simulator and seed; without ``resume`` it is refused unless ``overwrite``.
+    The simulator query is ``simulator = "module:function"`` (:func:`agents.task.import_simulator`, recorded
+    in the checkpoint's provenance), else the env itself, which must then be settable
+    (``reset(options={"state": x})``). The task comes from the dataset's metadata and
+    ``angle_dims``/``circle_dims`` (:func:`task_of_dataset`) and is stored in the checkpoint, so evaluation
+    and BC load it back without them. ``cost_init`` and ``cost_restarts`` override the preset's
+    :attr:`agents.ifo.IfOConfig.cost_init` / :attr:`~agents.ifo.IfOConfig.cost_restarts` (part of the
+    recorded config: a resume with another value is refused)."""
+    from agents.ifo import IfOTrainer
     from diffmpc.io import refuse_overwrite, write_results
 
+    cfg = ifo_config(preset, cost_init, cost_restarts)
     refuse_overwrite(Path(out) / "ifo_checkpoint.pt", resume, overwrite)
+    sim, provenance = _simulator(simulator, dataset_identity(dataset))
     x, xn, meta = _pairs(dataset)
-    cfg = IFO_PRESETS[preset] if cost_init is None else replace(IFO_PRESETS[preset], cost_init=cost_init)
-    trainer = IfOTrainer(x, xn, cfg, seed=seed, out=Path(out), provenance=dataset_identity(dataset),
+    trainer = IfOTrainer(x, xn, cfg, seed=seed, simulator=sim, out=Path(out), provenance=provenance,
                          task=task_of_dataset(meta, angle_dims, circle_dims), device=device)
     summary = trainer.run(progress=progress, resume=resume)
     summary.update(
         command="train ifo",
+        simulator=simulator,
         device=str(trainer.device),
         preset=preset,
         dataset=str(dataset),
@@ -140,6 +145,30 @@ def train_ifo(
     )
     write_results(out, summary)
     return summary
+
+
+def ifo_config(preset: str, cost_init: str | None = None, cost_restarts: int | None = None) -> Any:
+    """The preset's :class:`agents.ifo.IfOConfig` with the command line's overrides (``None``: the preset's);
+    ``cost_restarts`` must be an integer >= 1 (:class:`~diffmpc.errors.BadArgumentError` otherwise)."""
+    from dataclasses import replace
+
+    from agents.ifo import IFO_PRESETS
+    from diffmpc._checks import check_int
+
+    check_int("--cost-restarts", cost_restarts, 1, allow_none=True)
+    overrides = {"cost_init": cost_init, "cost_restarts": cost_restarts}
+    return replace(IFO_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _simulator(spec: str | None, provenance: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The simulator query named on the command line (``module:function``; ``None``: the trainer's default)
+    and the run's provenance with the spec added (so a resume with another simulator is refused). Imported
+    first: a user's module may register its env (``gymnasium.register``) as it is imported."""
+    if spec is None:
+        return None, provenance
+    from agents.task import import_simulator
+
+    return import_simulator(spec), dict(provenance, simulator=spec)
 
 
 def train_bc(
@@ -204,20 +233,24 @@ def train_bco(
     overwrite: bool = False,
     angle_dims: list[int] | None = None,
     circle_dims: list[tuple[int, int]] | None = None,
+    simulator: str | None = None,
 ) -> dict[str, Any]:
     """BCO (inverse-dynamics labels, then supervised BC) on the dataset's expert pairs, querying the
-    simulator as IfO does; results under ``out`` (the task, as for :func:`train_ifo`, in the checkpoint)."""
+    simulator as IfO does (``simulator``: ``module:function``, as for :func:`train_ifo`); results under
+    ``out`` (the task, as for :func:`train_ifo`, in the checkpoint)."""
     from agents.bc import BCO_PRESETS, BCOTrainer
     from agents.task import simulator_for
     from diffmpc.io import refuse_overwrite, write_results
 
     refuse_overwrite(Path(out) / "bco_checkpoint.pt", resume, overwrite)
+    sim, provenance = _simulator(simulator, dataset_identity(dataset))
     x, xn, meta = _pairs(dataset)
     task = task_of_dataset(meta, angle_dims, circle_dims)
-    trainer = BCOTrainer(x, xn, simulator_for(task), BCO_PRESETS[preset], seed=seed, out=Path(out),
-                         task=task, provenance=dataset_identity(dataset))
+    trainer = BCOTrainer(x, xn, simulator_for(task, sim), BCO_PRESETS[preset], seed=seed, out=Path(out),
+                         task=task, provenance=provenance)
     summary = trainer.run(progress=progress, resume=resume)
-    summary.update(command="train bco", preset=preset, dataset=str(dataset), dataset_meta=meta,
+    summary.update(command="train bco", simulator=simulator, preset=preset, dataset=str(dataset),
+                   dataset_meta=meta,
                    provenance=trainer.provenance, checkpoint=str(trainer.checkpoint_path))
     write_results(out, summary)
     return summary
@@ -282,14 +315,17 @@ def run_one(
     variances: str = "both",
     progress: bool = True,
     device: str | None = None,
+    cost_restarts: int | None = None,
 ) -> dict[str, Any]:
     """One training run of the pipeline (IfO, BC, evaluation of expert/BC/MPC_IFT) in the run directory
-    ``out`` (its IfO/BC checkpoints resume); returns the run's results (also in ``out/results.json``)."""
+    ``out`` (its IfO/BC checkpoints resume); returns the run's results (also in ``out/results.json``).
+    ``cost_restarts`` overrides the preset's :attr:`agents.ifo.IfOConfig.cost_restarts`."""
     from diffmpc.io import write_results
 
     run_dir = Path(out)
     t0 = time.perf_counter()
-    ifo = train_ifo(dataset, run_dir / "ifo", preset, seed, resume=True, progress=progress, device=device)
+    ifo = train_ifo(dataset, run_dir / "ifo", preset, seed, resume=True, progress=progress, device=device,
+                    cost_restarts=cost_restarts)
     bc = train_bc(dataset, run_dir / "bc", run_dir / "ifo", preset, seed, resume=True, progress=progress,
                   device=device)
     bco = train_bco(dataset, run_dir / "bco", preset, seed, resume=True, progress=progress)
@@ -304,6 +340,7 @@ def run_one(
     res = {
         "seed": seed,
         "preset": preset,
+        **({"cost_restarts": cost_restarts} if cost_restarts is not None else {}),
         "device": str(device or "cpu"),
         "dataset": str(dataset),
         "provenance": dataset_identity(dataset),
@@ -332,19 +369,23 @@ def run_task(config: dict[str, Any], ctx: Any, device: str | None = None) -> dic
     dataset = ctx.dir.parent / config["dataset"]  # relative to the sweep directory unless absolute
     if file_sha256(dataset) != config["dataset_sha256"]:
         raise RuntimeError(f"{dataset} changed since the sweep was set up; rerun the command")
-    return run_one(config["seed"], dataset, ctx.dir, config["preset"], config["variances"], False, device)
+    return run_one(config["seed"], dataset, ctx.dir, config["preset"], config["variances"], False, device,
+                   config.get("cost_restarts"))
 
 
-def run_config(seed: int, dataset: str | Path, out: str | Path, preset: str, variances: str
-               ) -> dict[str, Any]:
+def run_config(seed: int, dataset: str | Path, out: str | Path, preset: str, variances: str,
+               cost_restarts: int | None = None) -> dict[str, Any]:
     """Everything a run depends on, the dataset by content hash: what its run directory is keyed on. The
-    dataset's path is relative to the sweep directory ``out`` when it lies inside (so ``out`` can move)."""
+    dataset's path is relative to the sweep directory ``out`` when it lies inside (so ``out`` can move).
+    ``cost_restarts`` (``--cost-restarts``) is part of the key when given, so runs with another K are not
+    reused (without it, the key is that of the runs made before the option existed)."""
     from diffmpc.io import file_sha256
 
     dataset, out = Path(dataset).resolve(), Path(out).resolve()
     where = str(dataset.relative_to(out)) if dataset.is_relative_to(out) else str(dataset)
     return {"seed": seed, "preset": preset, "variances": variances, "dataset": where,
-            "dataset_sha256": file_sha256(dataset), "policies": ["expert", "bc", "bco", "mpc_ift"]}
+            "dataset_sha256": file_sha256(dataset), "policies": ["expert", "bc", "bco", "mpc_ift"],
+            **({"cost_restarts": cost_restarts} if cost_restarts is not None else {})}
 
 
 def aggregate_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -457,39 +498,123 @@ def table2_markdown(table: dict[str, Any], runs: int, command: str, minutes: flo
     return "\n".join(lines) + "\n"
 
 
+# The learned policies a run directory may hold: (label, sub-directory), in the videos' order.
+RUN_POLICIES = (("BC", "bc"), ("BCO", "bco"), ("MPC_IFT", "ifo"))
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """The learned policies under ``run_dir`` (``ifo/``, ``bc/``, ``bco/``: whichever exist, at least one)
+    and the env id their checkpoints record (the task's; the same for all of them, else
+    :class:`~diffmpc.errors.BadFileError`)."""
+    from agents.bc import load_bc_policy, load_bco_policy
+    from agents.evaluation import mpc_policy
+    from agents.ifo import load_ifo_checkpoint
+
+    run_dir = Path(run_dir)
+    found = [d for _, d in RUN_POLICIES if (run_dir / d).is_dir()]
+    if not found:
+        raise BadFileError(f"--run {run_dir} holds none of ifo/, bc/, bco/: pass a run directory made by "
+                           "`diffmpc table2`/`demo`, or the parent of the --out directories RUN/ifo, RUN/bc, "
+                           "RUN/bco of `diffmpc train`")
+    policies: dict[str, Any] = {}
+    env_ids: dict[str, str | None] = {}
+    for name, sub in RUN_POLICIES:
+        if sub not in found:
+            continue
+        if sub == "ifo":
+            dyn, cost, cfg, task = load_ifo_checkpoint(_checkpoint(run_dir / sub, "ifo_checkpoint.pt"))
+            policies[name] = mpc_policy(dyn, cost, cfg, task, device=device)
+        else:
+            load = load_bc_policy if sub == "bc" else load_bco_policy
+            policy = load(_checkpoint(run_dir / sub, f"{sub}_checkpoint.pt"))
+            task = policy.task
+            policies[name] = policy.to(device or "cpu").requires_grad_(False)
+        env_ids[sub] = task.env_id
+    if len(set(env_ids.values())) > 1:
+        raise BadFileError(f"the checkpoints under {run_dir} were trained on different envs: {env_ids}")
+    return policies, next(iter(env_ids.values()))
+
+
 def render_run(
-    run_dir: str | Path, out: str | Path, variance: float = 0.04, index: int = 0, seed: int = 0
+    run_dir: str | Path, out: str | Path, variance: float | None = None, index: int | None = None,
+    seed: int = 0, env: str | None = None, max_steps: int | None = None,
 ) -> list[Path]:
-    """Fig. 3: one start (the ``index``-th test start) rolled out by expert, BC and MPC_IFT of a run;
-    writes ``fig3.mp4``, ``fig3.gif`` and ``trajectories.png`` under ``out``."""
-    from agents.evaluation import EVAL_EPISODES, plot_trajectories, render_comparison, rollout, start_states
+    """One episode of each learned policy of a run (and, on the cart-pole, the expert), side by side.
+
+    The env is the one the run's checkpoints record (``env`` overrides it: an id, or ``module:EnvId`` to
+    import the module that registers it; it must name the recorded env). On the cart-pole: Fig. 3, the
+    ``index``-th fixed test start at start ``variance`` (default 0.04) rolled out by the expert, BC, BCO and
+    MPC_IFT, written as ``fig3.mp4``/``fig3.gif`` and ``trajectories.png`` (pole angle and cart position).
+    Any other env: the episode of seed ``seed`` (the first episode of ``diffmpc evaluate --env ID --seed
+    SEED``) in the Gymnasium loop, written as ``side_by_side.mp4``/``.gif`` (fps from the env's metadata) and
+    ``trajectories.png`` (one panel per observation dimension). ``seed`` also seeds the sampling planners;
+    ``max_steps`` cuts the episodes."""
+    import envs
+    from agents.evaluation import EVAL_EPISODES
     from diffmpc._checks import check_int
 
-    check_int("--index", index, 0)
-    if index >= EVAL_EPISODES:
+    check_int("--index", index, 0, allow_none=True)
+    check_int("--max-steps", max_steps, 1, allow_none=True)
+    if index is not None and index >= EVAL_EPISODES:
         raise BadArgumentError(f"--index {index} is out of range: there are {EVAL_EPISODES} test starts "
                                f"(0 … {EVAL_EPISODES - 1})")
-    run_dir, out = Path(run_dir), Path(out)
-    missing = [d for d in ("ifo", "bc") if not (run_dir / d).is_dir()]
-    if missing:
-        raise BadFileError(f"--run {run_dir} lacks {missing}: pass a run directory made by `diffmpc table2` "
-                           "or `diffmpc demo` (it holds ifo/ and bc/)")
+    policies, env_id = load_run(run_dir)
+    if env is not None:
+        named = env.rpartition(":")[2]  # Gymnasium's module:EnvId (the user's own command line)
+        if env_id is not None and named != env_id:
+            raise BadArgumentError(f"--env {env} is not the env the run was trained on ({env_id})")
+        env_id = named
+    if env_id is None:
+        raise BadFileError(f"the checkpoints under {run_dir} record no env id (trained on an env instance "
+                           "without a spec?); pass --env ID")
+    out = Path(out)
+    if env_id == envs.CARTPOLE_ID:
+        return _render_cartpole(policies, out, 0.04 if variance is None else variance, index or 0, seed,
+                                max_steps)
+    if variance is not None or index is not None:
+        raise BadArgumentError(f"--variance and --index choose one of the cart-pole's fixed test starts; on "
+                               f"{env_id} the episode is chosen by --seed")
+    return _render_env(policies, env or env_id, out, seed, max_steps)
+
+
+def _render_cartpole(policies: dict[str, Any], out: Path, variance: float, index: int, seed: int,
+                     max_steps: int | None) -> list[Path]:
+    """Fig. 3 (see :func:`render_run`): the expert and the run's policies from one fixed start."""
+    from agents.evaluation import plot_trajectories, render_comparison, rollout, start_states
+
     out.mkdir(parents=True, exist_ok=True)
     x0 = start_states(variance)[index : index + 1]
     rolls = {}
-    for name, spec in (
-        ("Expert", "expert"),
-        ("BC", f"bc:{run_dir / 'bc'}"),
-        *([("BCO", f"bco:{run_dir / 'bco'}")] if (run_dir / "bco").is_dir() else []),
-        ("MPC_IFT", f"ifo:{run_dir / 'ifo'}"),
-    ):
-        pol = make_policy(spec)
+    for name, pol in {"Expert": make_policy("expert"), **policies}.items():
         if hasattr(pol, "reset"):
             pol.reset(seed)
-        r = rollout(pol, x0)
+        r = rollout(pol, x0, steps=max_steps)
         rolls[f"{name} (cost {float(r['episode_cost'][0]):.1f})"] = r
     paths = render_comparison(rolls, out / "fig3")
     paths.append(Path(plot_trajectories(rolls, out / "trajectories.png")))
+    return paths
+
+
+def _render_env(policies: dict[str, Any], env: str, out: Path, seed: int, max_steps: int | None
+                ) -> list[Path]:
+    """Any env (see :func:`render_run`): one episode per policy, video + per-dimension trajectory plot."""
+    import gymnasium as gym
+
+    from agents.evaluation import plot_state_trajectories, record_side_by_side
+    from agents.task import make_env_by_id
+
+    def make() -> Any:
+        return make_env_by_id(env, render_mode="rgb_array")
+
+    make().close()  # an unknown env fails here, naming the id, before any rollout
+    rollouts: dict[str, dict[str, Any]] = {}
+    try:
+        paths = record_side_by_side(policies, make, out / "side_by_side", seed=seed, max_steps=max_steps,
+                                    rollouts=rollouts)
+    except gym.error.DependencyNotInstalled as err:
+        raise BadArgumentError(f"rendering {env} needs a package that is not installed: {err}") from err
+    labels = {f"{name} (return {r['return']:.1f})": r["observations"] for name, r in rollouts.items()}
+    paths.append(Path(plot_state_trajectories(labels, out / "trajectories.png", title=f"{env}, seed {seed}")))
     return paths
 
 
@@ -506,19 +631,23 @@ def run_pipeline(
     command: str = "diffmpc table2",
     address: str | None = None,
     device: str | None = None,
+    cost_restarts: int | None = None,
 ) -> dict[str, Any]:
     """The whole Table 2 / Fig. 3 pipeline (see the module docstring); returns the aggregated results.
 
     The training runs are a sweep (:func:`diffmpc.sweep.run_sweep`): ``jobs`` one-CPU Ray tasks on this
     machine, or an existing Ray cluster at ``address``; in-process with ``jobs=1``. Each run directory is
     keyed on its full config (seed, preset, variances, dataset hash): finished runs are skipped, a failed run
-    is reported and left out of the table (the table is built from the runs that finished)."""
+    is reported and left out of the table (the table is built from the runs that finished). ``cost_restarts``
+    overrides the preset's :attr:`agents.ifo.IfOConfig.cost_restarts` (K > 1 is part of the runs' key)."""
     from diffmpc._checks import check_int
     from diffmpc.io import write_results
 
     check_int("--runs", runs, 1)
     check_int("--episodes", episodes, 1)
     check_int("--jobs", jobs, 1)
+    if ifo_config(preset, cost_restarts=cost_restarts).cost_restarts == 1:  # checked before any work
+        cost_restarts = None  # K = 1 is the plain run: the same run directories as without the option
     _variances(variances)
     if dataset is not None:
         _pairs(dataset)  # a bad --dataset fails now, not after minutes of work
@@ -533,7 +662,7 @@ def run_pipeline(
     seeds = [seed + i for i in range(runs)]
     from diffmpc.sweep import Task, run_sweep
 
-    tasks = [Task(f"run_{s}", run_config(s, dataset, out, preset, variances)) for s in seeds]
+    tasks = [Task(f"run_{s}", run_config(s, dataset, out, preset, variances, cost_restarts)) for s in seeds]
     gpus = 1.0 / jobs if str(device or "cpu").startswith("cuda") else 0.0  # the runs share one GPU
     sweep = run_sweep(tasks, functools.partial(run_task, device=device), out, jobs=jobs, address=address,
                       progress=progress, desc="training runs", gpus_per_run=gpus)
@@ -555,6 +684,7 @@ def run_pipeline(
         "seeds": seeds,
         "failed_runs": sorted(sweep.failed),
         "preset": preset,
+        **({"cost_restarts": cost_restarts} if cost_restarts is not None else {}),
         "dataset": str(dataset),
         "table": table,
         "convergence": convergence,
@@ -590,20 +720,26 @@ def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_he
 
 def _cmd_train(args: Any) -> int:
     device = str(resolve_device(args.device))
-    if args.what != "ifo" and args.cost_init is not None:
-        raise BadArgumentError(f"--cost-init is an IfO setting (the learned cost's start); train "
-                               f"{args.what} has no learned cost")
+    for flag, value in (("--cost-init", args.cost_init), ("--cost-restarts", args.cost_restarts)):
+        if args.what != "ifo" and value is not None:
+            raise BadArgumentError(f"{flag} is an IfO setting (of the learned cost); train {args.what} has "
+                                   "no learned cost")
+    if args.what == "bc" and args.simulator is not None:
+        raise BadArgumentError("train bc queries no simulator (it maps its controls through the --dynamics "
+                               "model); drop --simulator (train ifo and train bco take it)")
     if args.what == "ifo":
         s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
                       overwrite=args.overwrite, angle_dims=args.angle_dims, device=device,
-                      circle_dims=args.circle_dims, cost_init=args.cost_init)
+                      circle_dims=args.circle_dims, cost_init=args.cost_init,
+                      cost_restarts=args.cost_restarts, simulator=args.simulator)
         print(
             f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
             f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
         )
     elif args.what == "bco":
         s = train_bco(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
-                      overwrite=args.overwrite, angle_dims=args.angle_dims, circle_dims=args.circle_dims)
+                      overwrite=args.overwrite, angle_dims=args.angle_dims, circle_dims=args.circle_dims,
+                      simulator=args.simulator)
         print(f"BCO: inverse-dynamics loss {s['inverse_loss_final']:.4g}, policy loss "
               f"{s['policy_loss_final']:.4g} in {s['elapsed_s']:.0f} s -> {args.out}")
     else:
@@ -624,6 +760,13 @@ def _cmd_train(args: Any) -> int:
             f"-> {args.out}"
         )
     return 0
+
+
+def _cost_restarts_argument(p: Any) -> None:
+    p.add_argument("--cost-restarts", type=int, default=None, metavar="K",
+                   help="IfO: run the cost learning after the dynamics warm-up K times and keep the restart "
+                        "with the lowest training imitation loss (IfOConfig.cost_restarts; default: the "
+                        "preset's, 1). Part of the run's recorded config: a resume with another K is refused")
 
 
 def _int_list(text: str) -> list[int]:
@@ -678,7 +821,8 @@ def _cmd_evaluate(args: Any) -> int:
 def _cmd_render(args: Any) -> int:
     from agents.evaluation import START_VARIANCES
 
-    paths = render_run(args.run, args.out, START_VARIANCES[args.variance], args.index, args.seed)
+    variance = None if args.variance is None else START_VARIANCES[args.variance]
+    paths = render_run(args.run, args.out, variance, args.index, args.seed, args.env, args.max_steps)
     print("wrote", ", ".join(str(p) for p in paths))
     return 0
 
@@ -686,6 +830,7 @@ def _cmd_render(args: Any) -> int:
 def _cmd_table2(args: Any) -> int:
     cmd = f"diffmpc table2 --runs {args.runs} --preset {args.preset} --seed {args.seed} --jobs {args.jobs}"
     cmd += f" --dataset {args.dataset}" if args.dataset else f" --episodes {args.episodes}"
+    cmd += f" --cost-restarts {args.cost_restarts}" if args.cost_restarts is not None else ""
     run_pipeline(
         args.out,
         args.runs,
@@ -699,15 +844,17 @@ def _cmd_table2(args: Any) -> int:
         command=cmd,
         address=args.address,
         device=str(resolve_device(args.device)),
+        cost_restarts=args.cost_restarts,
     )
     return 0
 
 
 def _cmd_demo(args: Any) -> int:
     cmd = f"diffmpc demo --preset {args.preset} --seed {args.seed}"
+    cmd += f" --cost-restarts {args.cost_restarts}" if args.cost_restarts is not None else ""
     run_pipeline(
         args.out, 1, args.preset, args.seed, None, args.episodes, "low", 1, not args.no_progress, command=cmd,
-        device=str(resolve_device(args.device)),
+        device=str(resolve_device(args.device)), cost_restarts=args.cost_restarts,
     )
     print(f"side-by-side video (expert | BC | MPC_IFT): {Path(args.out) / 'fig3.mp4'}")
     return 0
@@ -744,6 +891,13 @@ def register(subparsers: Any) -> None:
     t.add_argument("--cost-init", choices=("random", "expert_mean"), default=None,
                    help="ifo: where the learned cost's target starts (default: the preset's, random); "
                         "expert_mean: the mean expert state (advised with --circle-dims, docs/own_env.md)")
+    _cost_restarts_argument(t)
+    t.add_argument("--simulator", default=None, metavar="MODULE:FUNCTION",
+                   help="ifo/bco: the simulator query, a batched torch function F(x (N, n), u (N, m)) -> "
+                        "x' (N, n) imported from MODULE (the current directory is on the path, as for "
+                        "python -m), e.g. examples.pendulum_ifo:pendulum_step; needed for an env that "
+                        "cannot be set to a state (default: the cart-pole's dynamics, else the env itself). "
+                        "Recorded in the checkpoint: a resume with another one is refused")
     _common(t)
     t.set_defaults(handler=_cmd_train)
 
@@ -766,11 +920,26 @@ def register(subparsers: Any) -> None:
     add_device_argument(e)
     e.set_defaults(handler=_cmd_evaluate)
 
-    r = subparsers.add_parser("render", help="side-by-side video + trajectory plot of a run (paper Fig. 3)")
-    r.add_argument("--run", required=True, help="a run directory holding ifo/ and bc/ (from table2/demo)")
-    r.add_argument("--variance", choices=("low", "high"), default="low")
-    r.add_argument("--index", type=int, default=0, help="which of the 50 test starts")
-    _common(r, preset=False, seed_help="seed of the sampling planners (expert, MPC_IFT)")
+    r = subparsers.add_parser(
+        "render", help="side-by-side video + trajectory plot of a run (paper Fig. 3 on the cart-pole)",
+        description="One episode of each learned policy of a run (ifo/, bc/, bco/) side by side, on the env "
+                    "its checkpoints record: the cart-pole's Fig. 3 (with the expert; fig3.mp4/.gif, "
+                    "trajectories.png), any other env in the Gymnasium loop (side_by_side.mp4/.gif, "
+                    "trajectories.png with one panel per observation dimension).")
+    r.add_argument("--run", required=True,
+                   help="a run directory holding ifo/, bc/ and/or bco/ (from table2/demo, or the parent of "
+                        "train's --out directories)")
+    r.add_argument("--variance", choices=("low", "high"), default=None,
+                   help="cart-pole: start variance of the test start (default: low)")
+    r.add_argument("--index", type=int, default=None,
+                   help="cart-pole: which of the 50 test starts (default 0)")
+    r.add_argument("--env", default=None, metavar="ID",
+                   help="the env to render in (default: the one the checkpoints record); module:ID imports "
+                        "module first (Gymnasium's syntax), for an env your own code registers")
+    r.add_argument("--max-steps", type=int, default=None,
+                   help="cut the episodes after this many steps (default: the env's episode length)")
+    _common(r, preset=False, seed_help="episode seed on envs other than the cart-pole (as `evaluate --env "
+            "ID --seed SEED`'s first episode), and seed of the sampling planners (expert, MPC_IFT)")
     r.set_defaults(handler=_cmd_render)
 
     p = subparsers.add_parser(
@@ -782,6 +951,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dataset", help="expert dataset (default: generate OUT/dataset/expert_cartpole.npz)")
     p.add_argument("--episodes", type=int, default=100, help="expert trajectories when generating")
     p.add_argument("--variance", choices=("low", "high", "both"), default="both")
+    _cost_restarts_argument(p)
     add_sweep_arguments(p, "training runs in parallel (one CPU each) on a local Ray")
     _common(p, "runs/table2")
     p.set_defaults(handler=_cmd_table2)
@@ -792,5 +962,6 @@ def register(subparsers: Any) -> None:
         description="Expert data, IfO and BC training, evaluation, side-by-side video.",
     )
     d.add_argument("--episodes", type=int, default=30, help="expert trajectories to generate")
+    _cost_restarts_argument(d)
     _common(d, "runs/demo")
     d.set_defaults(handler=_cmd_demo)

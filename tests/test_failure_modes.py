@@ -514,7 +514,7 @@ def test_env_reset_state_and_diverging_step():
     (["table2", "--runs", "0"], "--runs must be an integer >= 1, got 0"),
     (["lqr-imitation", "--damping", "nan"], "--damping must be a finite number, got nan"),
     (["render", "--run", "RUN", "--index", "99"], r"--index 99 is out of range: there are 50 test starts"),
-    (["render", "--run", "RUN"], r"lacks \['ifo', 'bc'\]"),
+    (["render", "--run", "RUN"], r"holds none of ifo/, bc/, bco/"),
     (["expert", "--episodes", "0"], "--episodes must be an integer >= 1, got 0"),
     (["expert", "--env", "diffmpc/MassSpringDamper-v0"], "cannot plan for it"),
     (["dataset", "--episodes", "0"], "--episodes must be an integer >= 1, got 0"),

@@ -354,6 +354,15 @@ def test_cli_train_evaluate_render(pairs, tmp_path):
     res = json.loads((out / "results.json").read_text())["evaluation"]
     assert set(res) == {f"bc:{bc}"} and len(res[f"bc:{bc}"]["low"]["episode_costs"]) == 50
     assert cli_main(["train", "bc", "--dataset", str(data), "--out", str(bc)]) == 2  # no --dynamics: usage
+    # Fig. 3 of this run (tmp_path holds ifo/ and bc/): the expert and both policies from one fixed start
+    media = tmp_path / "media"
+    assert cli_main(["render", "--run", str(tmp_path), "--out", str(media), "--index", "2",
+                     "--max-steps", "5", "--no-progress"]) == 0
+    import imageio.v3 as iio
+
+    for suffix in (".mp4", ".gif"):  # the initial state and one frame per step
+        assert sum(1 for _ in iio.imiter(media / f"fig3{suffix}")) == 6
+    assert (media / "trajectories.png").stat().st_size > 0
 
 
 @pytest.mark.slow
