@@ -102,6 +102,10 @@ class IfOConfig:
     # parameter, with its own generator (seed + 1_000_003 r) for queries, batches and MPC samples.
     cost_restarts: int = 1
     restart_init_std: float = 0.1
+    # the angle term of a declared (cos, sin) pair (task.circle_dims; see CircleTargetCost): "chord", the
+    # squared chord 2 (1 - cos(φ - φ̄)) (smooth, saturates at 4 opposite the target), or "geodesic", the
+    # squared wrapped angle (φ - φ̄)² on (-π, π] (grows to π² opposite the target; kink there)
+    circle_distance: str = "chord"
     # the MPC layer used for training (forward: sampler + Newton refinement; backward: IFT with CG)
     horizon: int = 10
     curriculum_iters: int = 50  # H grows linearly from 1 to `horizon` over these iterations
@@ -144,6 +148,7 @@ class IfOConfig:
                      positive=("dyn_lr", "cost_lr", "tol"), nonneg=("target_init_std", "restart_init_std"))
         check_choice("IfOConfig.sampler", self.sampler, ("cem", "rs", None))
         check_choice("IfOConfig.cost_init", self.cost_init, ("random", "expert_mean"))
+        check_choice("IfOConfig.circle_distance", self.circle_distance, ("chord", "geodesic"))
         if not all(isinstance(h, int) and h >= 1 for h in self.hidden):
             raise BadArgumentError(f"IfOConfig.hidden must be layer widths >= 1, got {self.hidden!r}")
 
@@ -156,6 +161,8 @@ class IfOConfig:
         d["hidden"] = list(self.hidden)
         if self.cost_restarts == 1:  # without restarts: the dict (and checkpoints, results) of before them
             del d["cost_restarts"], d["restart_init_std"]
+        if self.circle_distance == "chord":  # the dict (and checkpoints, results) of before the option
+            del d["circle_distance"]
         return d
 
     @classmethod
@@ -231,11 +238,19 @@ class CircleTargetCost(torch.nn.Module):
     term is ``(w_c − w_s) cos²φ − 2 (w_c c̄ cos φ + w_s s̄ sin φ) + const``: ``w_s > w_c`` adds a local
     minimum at the opposite point, and a short target ``|(c̄, s̄)| < 1`` weakens the angle against the other
     terms. Weights ``w = G·softmax(w_raw)`` over the ``G`` groups (as ``normalize_weights=True``).
-    ``target`` and ``weights`` are exposed per observation dim, like :class:`TargetStateCost`'s."""
+    ``target`` and ``weights`` are exposed per observation dim, like :class:`TargetStateCost`'s.
+
+    ``distance="geodesic"`` replaces the pair term by ``w_p wrap(φ − φ̄_p)²`` with ``φ = atan2(x_j, x_i)`` and
+    ``wrap`` onto ``(−π, π]``: the squared arc length, quadratic in the angle error everywhere instead of
+    saturating (``2 (1 − cos δ) ≈ δ²`` only near the target), e.g. Pendulum-v1's own ``θ²`` reward term. Its
+    gradient jumps at the point opposite the target (a measure-zero set the MPC plans pass through, not
+    stop at)."""
 
     def __init__(self, state_dim: int, circle_dims: tuple[tuple[int, int], ...], angle: Tensor,
-                 plain_target: Tensor) -> None:
+                 plain_target: Tensor, distance: str = "chord") -> None:
         super().__init__()
+        check_choice("CircleTargetCost distance", distance, ("chord", "geodesic"))
+        self.distance = distance
         self.state_dim = state_dim
         self.circle_dims = tuple(tuple(p) for p in circle_dims)
         paired = {k for p in self.circle_dims for k in p}
@@ -270,8 +285,19 @@ class CircleTargetCost(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.state_dim:
             raise ValueError(f"state x must end in {self.state_dim}, got shape {tuple(x.shape)}")
-        d = x - self.target
-        return (self.weights * d * d).sum(-1)
+        if self.distance == "chord":
+            d = x - self.target
+            return (self.weights * d * d).sum(-1)
+        g = self.group_weights
+        c = 0
+        for n, (i, j) in enumerate(self.circle_dims):
+            a = self.angle[n]  # the error δ = φ − φ̄ wrapped by atan2 of its own (cos, sin)
+            cos_d = x[..., i] * torch.cos(a) + x[..., j] * torch.sin(a)
+            sin_d = x[..., j] * torch.cos(a) - x[..., i] * torch.sin(a)
+            c = c + g[n] * torch.atan2(sin_d, cos_d) ** 2
+        for n, k in enumerate(self.plain_dims):
+            c = c + g[len(self.circle_dims) + n] * (x[..., k] - self.plain_target[n]) ** 2
+        return c
 
 
 def make_cost(cfg: IfOConfig, generator: torch.Generator | None = None, task: Task | None = None,
@@ -293,7 +319,7 @@ def make_cost(cfg: IfOConfig, generator: torch.Generator | None = None, task: Ta
             m = mean.mean(0)
             angle = torch.stack([torch.atan2(m[j], m[i]) for i, j in task.circle_dims])
             plain_target = m[plain]
-        return CircleTargetCost(task.state_dim, task.circle_dims, angle, plain_target)
+        return CircleTargetCost(task.state_dim, task.circle_dims, angle, plain_target, cfg.circle_distance)
     if mean is None:
         target = cfg.target_init_std * torch.randn(task.feature_dim, generator=generator, dtype=dtype)
     else:

@@ -76,10 +76,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seeds", type=int, default=10, help="evaluation episodes (seeds 1000, 1001, ...)")
     p.add_argument("--iterations", type=int, default=60, help="IfO cost iterations")
     p.add_argument("--cost-batch", type=int, default=128,
-                   help="expert pairs per cost step (IfOConfig.cost_batch); at 32 the noisy cost gradient left "
-                        "the velocity weight stalled too high (no swing-up) on 4 of 10 training seeds")
+                   help="expert pairs per cost step (IfOConfig.cost_batch); at 32 the noisy cost gradient "
+                        "left the velocity weight stalled too high (no swing-up) on 4 of 10 training seeds")
     p.add_argument("--cost-init", choices=("expert_mean", "random"), default="expert_mean",
                    help="where the learned cost's target starts (IfOConfig.cost_init)")
+    p.add_argument("--circle-distance", choices=("chord", "geodesic"), default="chord",
+                   help="the learned cost's angle term (IfOConfig.circle_distance): squared chord "
+                        "2 (1 - cos(θ - θ̄)) or squared wrapped angle (θ - θ̄)²")
     p.add_argument("--cost-restarts", type=int, default=1,
                    help="IfOConfig.cost_restarts: run the alternation after the warm-up K times and keep the "
                         "run with the lowest final training imitation loss")
@@ -188,9 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- 2. MPC_IFT (Alg. 2) and 3. baselines
     cfg = IfOConfig(hidden=(64, 64), warmup_queries=20000, warmup_steps=2000, iterations=args.iterations,
-                    cost_batch=args.cost_batch, horizon=args.horizon, curriculum_iters=max(1, args.iterations // 2),
+                    cost_batch=args.cost_batch, horizon=args.horizon,
+                    curriculum_iters=max(1, args.iterations // 2),
                     n_samples=100, cem_iterations=3, newton_iters=20, eval_samples=200, eval_cem_iterations=4,
                     eval_newton_iters=3, checkpoint_every=10, cost_init=args.cost_init,
+                    circle_distance=args.circle_distance,
                     cost_restarts=args.cost_restarts)
     if args.smoke:
         cfg = replace(cfg, hidden=(16, 16), warmup_queries=500, warmup_steps=50, iterations=2, cost_batch=8,
