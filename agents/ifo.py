@@ -36,8 +36,10 @@ every iteration, so ``resume`` reproduces an uninterrupted run exactly (same mac
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -164,6 +166,39 @@ class IfOConfig:
         if self.circle_distance == "chord":  # the dict (and checkpoints, results) of before the option
             del d["circle_distance"]
         return d
+
+    def with_overrides(self, items: Sequence[str]) -> IfOConfig:
+        """This config with ``KEY=VALUE`` overrides (the command line's ``train ifo --set``), each value
+        parsed by the field's type: ``horizon=20``, ``cost_lr=0.02``, ``hidden=64,64``, ``sampler=none``,
+        ``circle_distance=geodesic``; then validated like any config. Unknown keys and unparsable values
+        raise :class:`~diffmpc.errors.BadArgumentError` naming them."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in fields:
+                raise BadArgumentError(f"--set {item!r}: expected KEY=VALUE with KEY one of the IfOConfig "
+                                       f"fields {sorted(fields)}")
+            current = getattr(self, key)
+            try:
+                if key == "hidden":
+                    value: Any = tuple(int(t) for t in text.split(",") if t.strip())
+                elif key == "sampler":
+                    value = None if text.lower() == "none" else text
+                elif isinstance(current, bool):
+                    value = {"true": True, "false": False}[text.lower()]
+                elif isinstance(current, int):
+                    value = int(text)
+                elif isinstance(current, float):
+                    value = float(text)
+                else:
+                    value = text
+            except (ValueError, KeyError):
+                raise BadArgumentError(f"--set {item!r}: {text!r} is not a valid {type(current).__name__} "
+                                       f"for {key}") from None
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IfOConfig:

@@ -111,6 +111,7 @@ def train_ifo(
     cost_init: str | None = None,
     cost_restarts: int | None = None,
     simulator: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Alg. 2 on the dataset's expert pairs on ``device``; checkpoint and ``results.json`` under ``out``.
 
@@ -122,11 +123,12 @@ def train_ifo(
     ``angle_dims``/``circle_dims`` (:func:`task_of_dataset`) and is stored in the checkpoint, so evaluation
     and BC load it back without them. ``cost_init`` and ``cost_restarts`` override the preset's
     :attr:`agents.ifo.IfOConfig.cost_init` / :attr:`~agents.ifo.IfOConfig.cost_restarts` (part of the
-    recorded config: a resume with another value is refused)."""
+    recorded config: a resume with another value is refused), and so do ``overrides``, the ``KEY=VALUE``
+    items of ``--set`` (any :class:`agents.ifo.IfOConfig` field, e.g. ``horizon=20``)."""
     from agents.ifo import IfOTrainer
     from diffmpc.io import refuse_overwrite, write_results
 
-    cfg = ifo_config(preset, cost_init, cost_restarts)
+    cfg = ifo_config(preset, cost_init, cost_restarts, overrides)
     refuse_overwrite(Path(out) / "ifo_checkpoint.pt", resume, overwrite)
     sim, provenance = _simulator(simulator, dataset_identity(dataset))
     x, xn, meta = _pairs(dataset)
@@ -147,17 +149,20 @@ def train_ifo(
     return summary
 
 
-def ifo_config(preset: str, cost_init: str | None = None, cost_restarts: int | None = None) -> Any:
+def ifo_config(preset: str, cost_init: str | None = None, cost_restarts: int | None = None,
+               overrides: list[str] | None = None) -> Any:
     """The preset's :class:`agents.ifo.IfOConfig` with the command line's overrides (``None``: the preset's);
-    ``cost_restarts`` must be an integer >= 1 (:class:`~diffmpc.errors.BadArgumentError` otherwise)."""
+    ``cost_restarts`` must be an integer >= 1 (:class:`~diffmpc.errors.BadArgumentError` otherwise);
+    ``overrides`` are ``KEY=VALUE`` items of ``--set`` (:meth:`agents.ifo.IfOConfig.with_overrides`)."""
     from dataclasses import replace
 
     from agents.ifo import IFO_PRESETS
     from diffmpc._checks import check_int
 
     check_int("--cost-restarts", cost_restarts, 1, allow_none=True)
-    overrides = {"cost_init": cost_init, "cost_restarts": cost_restarts}
-    return replace(IFO_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    named = {"cost_init": cost_init, "cost_restarts": cost_restarts}
+    cfg = replace(IFO_PRESETS[preset], **{k: v for k, v in named.items() if v is not None})
+    return cfg.with_overrides(overrides or [])
 
 
 def _simulator(spec: str | None, provenance: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -720,7 +725,8 @@ def _common(p: Any, out_default: str | None = None, preset: bool = True, seed_he
 
 def _cmd_train(args: Any) -> int:
     device = str(resolve_device(args.device))
-    for flag, value in (("--cost-init", args.cost_init), ("--cost-restarts", args.cost_restarts)):
+    for flag, value in (("--cost-init", args.cost_init), ("--cost-restarts", args.cost_restarts),
+                        ("--set", args.set)):
         if args.what != "ifo" and value is not None:
             raise BadArgumentError(f"{flag} is an IfO setting (of the learned cost); train {args.what} has "
                                    "no learned cost")
@@ -731,7 +737,7 @@ def _cmd_train(args: Any) -> int:
         s = train_ifo(args.dataset, args.out, args.preset, args.seed, args.resume, not args.no_progress,
                       overwrite=args.overwrite, angle_dims=args.angle_dims, device=device,
                       circle_dims=args.circle_dims, cost_init=args.cost_init,
-                      cost_restarts=args.cost_restarts, simulator=args.simulator)
+                      cost_restarts=args.cost_restarts, simulator=args.simulator, overrides=args.set)
         print(
             f"IfO: {s['iterations']} iterations in {s['elapsed_s']:.0f} s; learned target "
             f"{np.round(s['learned_target'], 3).tolist()} -> {args.out}"
@@ -892,6 +898,10 @@ def register(subparsers: Any) -> None:
                    help="ifo: where the learned cost's target starts (default: the preset's, random); "
                         "expert_mean: the mean expert state (advised with --circle-dims, docs/own_env.md)")
     _cost_restarts_argument(t)
+    t.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="ifo: override any IfOConfig field of the preset, e.g. --set horizon=20 "
+                        "cost_batch=128 circle_distance=geodesic hidden=64,64 (recorded in the checkpoint: "
+                        "a resume with other values is refused)")
     t.add_argument("--simulator", default=None, metavar="MODULE:FUNCTION",
                    help="ifo/bco: the simulator query, a batched torch function F(x (N, n), u (N, m)) -> "
                         "x' (N, n) imported from MODULE (the current directory is on the path, as for "

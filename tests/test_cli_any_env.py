@@ -98,12 +98,14 @@ def test_pendulum_from_the_cli_with_a_simulator_trains_resumes_only_alike_and_re
     err = capsys.readouterr().err
     assert "Pendulum-v1 cannot be set to a state" in err and "--simulator module:function" in err, err
 
+    ifo += ["--set", "horizon=4", "circle_distance=geodesic"]  # any IfOConfig field, recorded
     assert _train("ifo", pendulum_data, run / "ifo", *ifo, "--simulator", SIM, "--cost-restarts", "2") == 0
     res = json.loads((run / "ifo" / "results.json").read_text())
     assert res["simulator"] == SIM and res["provenance"]["simulator"] == SIM
     assert res["config"]["cost_restarts"] == 2 and [r["restart"] for r in res["cost_restarts"]] == [0, 1]
     _, _, cfg, task = load_ifo_checkpoint(run / "ifo" / "ifo_checkpoint.pt")
     assert cfg.cost_restarts == 2 and cfg.cost_init == "expert_mean" and task.env_id == "Pendulum-v1"
+    assert cfg.horizon == 4 and cfg.circle_distance == "geodesic"
     stored = load_checkpoint(run / "ifo" / "ifo_checkpoint.pt", {"kind": "ifo"})
     assert stored["provenance"]["simulator"] == SIM
     capsys.readouterr()
@@ -193,3 +195,30 @@ def test_render_names_an_unregistered_env_recorded_in_the_checkpoints(tmp_path, 
     assert cli_main(["render", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "r")]) == 2
     assert "env 'NoSuchEnvH15e-v0' is not registered in this process" in capsys.readouterr().err
     assert not list((tmp_path / "r").glob("*.mp4"))
+
+
+def test_set_overrides_any_ifo_config_field_by_its_type_and_names_bad_items(tmp_path, capsys):
+    """`train ifo --set KEY=VALUE ...`: values parsed by the field's type and validated like any IfOConfig;
+    an unknown key, an unparsable value or an invalid setting exits 2 naming it, before any work."""
+    from agents.ifo import IFO_PRESETS
+    from experiments.table2 import ifo_config
+
+    cfg = ifo_config("tiny", overrides=["horizon=20", "cost_lr=0.02", "hidden=8,8", "sampler=none",
+                                        "circle-distance=geodesic"])
+    assert (cfg.horizon, cfg.cost_lr, cfg.hidden, cfg.sampler, cfg.circle_distance) == (
+        20, 0.02, (8, 8), None, "geodesic")
+    assert ifo_config("tiny", overrides=[]) == IFO_PRESETS["tiny"]
+    data = ROOT / "data" / "expert_cartpole_rs.npz"
+    train = ["train", "ifo", "--dataset", str(data), "--out", str(tmp_path / "a"), "--preset", "tiny",
+             "--set"]
+    for item, needle in (("horizn=20", "expected KEY=VALUE with KEY one of the IfOConfig fields"),
+                         ("horizon", "expected KEY=VALUE"),
+                         ("horizon=2.5", "'2.5' is not a valid int for horizon"),
+                         ("horizon=0", "must be >= 1"),
+                         ("circle_distance=arc", "circle_distance must be one of")):
+        assert cli_main([*train, item]) == 2
+        assert needle in capsys.readouterr().err
+    assert cli_main(["train", "bco", "--dataset", str(data), "--out", str(tmp_path / "b"), "--set",
+                     "horizon=3"]) == 2
+    assert "--set is an IfO setting" in capsys.readouterr().err
+    assert not any(tmp_path.glob("*/*checkpoint.pt"))
