@@ -78,14 +78,26 @@ FIGURES: dict[str, Figure] = {
         ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10"],
         {"results.json": "pendulum_ifo_seeds.json"},
         minutes="~30 (expert data ~11, then ~1 CPU min per training seed: IfO + BC + BCO + evaluation)"),
-    # the same with IfOConfig.cost_restarts = 3 (the lowest final training imitation loss of 3 kept)
-    "pendulum_ifo_seeds_restarts": Figure(
-        ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--cost-restarts", "3"],
-        {"results.json": "pendulum_ifo_seeds_restarts.json"},
+    # ablations of the cost learning (same expert data, seeds and evaluation episodes as the entry above):
+    # the squared-chord angle term (the default before issue 15's last session) at 128 and at 32 expert
+    # pairs per cost step (the settings of before), and 32 with IfOConfig.cost_restarts = 3
+    "pendulum_ifo_seeds_chord": Figure(
+        ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--circle-distance", "chord"],
+        {"results.json": "pendulum_ifo_seeds_chord.json"},
+        minutes="~30 (expert data ~11, then ~1.5 CPU min per training seed)"),
+    "pendulum_ifo_seeds_batch32": Figure(
+        ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--circle-distance", "chord",
+         "--cost-batch", "32"],
+        {"results.json": "pendulum_ifo_seeds_batch32.json"},
+        minutes="~25 (expert data ~11, then ~1 CPU min per training seed)"),
+    "pendulum_ifo_seeds_batch32_restarts": Figure(
+        ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--circle-distance", "chord",
+         "--cost-batch", "32", "--cost-restarts", "3"],
+        {"results.json": "pendulum_ifo_seeds_batch32_restarts.json"},
         minutes="~40 (expert data ~11, then ~2 CPU min per training seed)"),
-    # reads seed 2 of the entry above (a seed where MPC_IFT fails): which learned part is wrong
+    # reads seed 2 of the batch-32 entry above (a seed where MPC_IFT fails): which learned part is wrong
     "pendulum_ifo_diagnosis_seed2": Figure(
-        ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo_seeds/seed_2",
+        ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo_seeds_batch32/seed_2",
          "--out", "{out}", "--seeds", "10"],
         {"results.json": "pendulum_ifo_diagnosis_seed2.json"},
         minutes="~3"),

@@ -10,13 +10,15 @@
 4. Evaluation over fixed seeds in the Gymnasium loop (return = sum of rewards), a side-by-side video.
 
 The observation ``(cos θ, sin θ, θ̇)`` already embeds its angle: the task declares the ``(cos, sin)`` pair
-(``circle_dims``), so the learned cost's target for it stays a point of the unit circle with one weight, and
-the cost starts at the mean expert state (``cost_init="expert_mean"``).
+(``circle_dims``), so the learned cost's target for it stays a point of the unit circle with one weight, its
+angle term is the squared wrapped angle error (``circle_distance="geodesic"``), and the cost starts at the
+mean expert state (``cost_init="expert_mean"``); 128 expert pairs per cost step keep its gradient steady.
 
     python examples/pendulum_ifo.py --out runs/pendulum_ifo            # the full run (results.json, video)
     python examples/pendulum_ifo.py --out runs/pendulum_smoke --smoke  # seconds: the test suite's setting
     python examples/pendulum_ifo.py --out runs/pendulum_seeds --seeds 5  # 5 training seeds: paired diffs
     python examples/pendulum_ifo.py --out runs/pendulum_restarts --seeds 5 --cost-restarts 3  # IfOConfig
+    python examples/pendulum_ifo.py --out runs/pendulum_chord --seeds 5 --circle-distance chord  # ablation
 """
 
 from __future__ import annotations
@@ -80,9 +82,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "left the velocity weight stalled too high (no swing-up) on 4 of 10 training seeds")
     p.add_argument("--cost-init", choices=("expert_mean", "random"), default="expert_mean",
                    help="where the learned cost's target starts (IfOConfig.cost_init)")
-    p.add_argument("--circle-distance", choices=("chord", "geodesic"), default="chord",
-                   help="the learned cost's angle term (IfOConfig.circle_distance): squared chord "
-                        "2 (1 - cos(θ - θ̄)) or squared wrapped angle (θ - θ̄)²")
+    p.add_argument("--circle-distance", choices=("chord", "geodesic"), default="geodesic",
+                   help="the learned cost's angle term (IfOConfig.circle_distance): squared wrapped angle "
+                        "(θ - θ̄)² or squared chord 2 (1 - cos(θ - θ̄)), which saturates away from the target "
+                        "(docs/own_env.md: chord plays below BC here)")
     p.add_argument("--cost-restarts", type=int, default=1,
                    help="IfOConfig.cost_restarts: run the alternation after the warm-up K times and keep the "
                         "run with the lowest final training imitation loss")

@@ -278,7 +278,10 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "pendulum_ifo": pendulum_ifo,
     "pendulum_ifo_diagnosis": pendulum_ifo_diagnosis,
     "pendulum_ifo_seeds": pendulum_ifo_seeds,
-    "pendulum_ifo_seeds_restarts": lambda: pendulum_ifo_seeds("pendulum_ifo_seeds_restarts.json"),
+    "pendulum_ifo_seeds_chord": lambda: pendulum_ifo_seeds("pendulum_ifo_seeds_chord.json"),
+    "pendulum_ifo_seeds_batch32": lambda: pendulum_ifo_seeds("pendulum_ifo_seeds_batch32.json"),
+    "pendulum_ifo_seeds_batch32_restarts":
+        lambda: pendulum_ifo_seeds("pendulum_ifo_seeds_batch32_restarts.json"),
     # the same diagnosis on a training seed where MPC_IFT failed (seed 2 of the multi-seed run)
     "pendulum_ifo_diagnosis_seed2": lambda: pendulum_ifo_diagnosis("pendulum_ifo_diagnosis_seed2.json"),
     "bench_headlines": bench_headlines,
