@@ -104,6 +104,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def ifo_settings(args: argparse.Namespace) -> IfOConfig:
+    """The IfO settings of this example (``--smoke``: seconds). From the command line the same run is
+    ``diffmpc train ifo --cost-init expert_mean --set hidden=64,64 warmup_steps=2000 iterations=60
+    cost_batch=128 horizon=20 curriculum_iters=30 eval_newton_iters=3 checkpoint_every=10
+    circle_distance=geodesic`` over the ``quick`` preset (docs/own_env.md; a test keeps the two equal)."""
+    cfg = IfOConfig(hidden=(64, 64), warmup_queries=20000, warmup_steps=2000, iterations=args.iterations,
+                    cost_batch=args.cost_batch, horizon=args.horizon,
+                    curriculum_iters=max(1, args.iterations // 2),
+                    n_samples=100, cem_iterations=3, newton_iters=20, eval_samples=200, eval_cem_iterations=4,
+                    eval_newton_iters=3, checkpoint_every=10, cost_init=args.cost_init,
+                    circle_distance=args.circle_distance, cost_restarts=args.cost_restarts)
+    if args.smoke:
+        cfg = replace(cfg, hidden=(16, 16), warmup_queries=500, warmup_steps=50, iterations=2, cost_batch=8,
+                      horizon=3, curriculum_iters=1, n_samples=16, cem_iterations=1, newton_iters=3,
+                      eval_samples=16, eval_cem_iterations=1, eval_newton_iters=1)
+    return cfg
+
+
 # The paired comparisons of a multi-seed run: (a, b) -> a - b, per evaluation episode, same episode seeds.
 PAIRS = (("MPC_IFT", "BC"), ("MPC_IFT", "BCO"), ("MPC_IFT", "expert"), ("BC", "expert"), ("BCO", "expert"))
 LEARNED = ("BC", "BCO", "MPC_IFT")
@@ -193,17 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{-data.episode_costs.mean():.1f} ({t_data:.0f} s)")
 
     # ---------------------------------------------------------------- 2. MPC_IFT (Alg. 2) and 3. baselines
-    cfg = IfOConfig(hidden=(64, 64), warmup_queries=20000, warmup_steps=2000, iterations=args.iterations,
-                    cost_batch=args.cost_batch, horizon=args.horizon,
-                    curriculum_iters=max(1, args.iterations // 2),
-                    n_samples=100, cem_iterations=3, newton_iters=20, eval_samples=200, eval_cem_iterations=4,
-                    eval_newton_iters=3, checkpoint_every=10, cost_init=args.cost_init,
-                    circle_distance=args.circle_distance,
-                    cost_restarts=args.cost_restarts)
-    if args.smoke:
-        cfg = replace(cfg, hidden=(16, 16), warmup_queries=500, warmup_steps=50, iterations=2, cost_batch=8,
-                      horizon=3, curriculum_iters=1, n_samples=16, cem_iterations=1, newton_iters=3,
-                      eval_samples=16, eval_cem_iterations=1, eval_newton_iters=1)
+    cfg = ifo_settings(args)
     # Baselines on the same data through the same learned model: BC (the preset's k-step rollout loss over
     # the expert trajectories) and BCO (inverse-dynamics labels).
     bc_cfg = BC_PRESETS["tiny" if args.smoke else "quick"]
