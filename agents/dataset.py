@@ -166,13 +166,16 @@ def _spec_json(env: Any) -> str | None:
 def generate_dataset(path: str | os.PathLike, episodes: int = 100, seed: int = 0,
                      start_variance: float | None = None, config: ExpertConfig | None = None,
                      progress: bool = True, resume: bool = True, env_id: str | None = None,
-                     expert: Any = None, env: Any = None, max_steps: int | None = None) -> ExpertDataset:
+                     expert: Any = None, env: Any = None, max_steps: int | None = None,
+                     expert_spec: str | None = None) -> ExpertDataset:
     """Roll ``episodes`` expert trajectories (trajectory i: env and expert seed ``seed + i``) and save them.
 
     ``env`` is an env instance, else ``gymnasium.make(env_id)`` (default: the cart-pole swing-up with
     ``start_variance``, default 0.04). ``expert`` is any policy (an :class:`agents.MPCPolicy` on your model,
     or a callable ``obs -> action``); the default is the cart-pole sampling expert with ``config`` (cart-pole
-    only). Episodes must all have the same length (``max_steps`` cuts them).
+    only). ``expert_spec`` names the expert in the metadata (the command line's ``--expert module:function``),
+    so that a resume with another expert is refused. Episodes must all have the same length (``max_steps``
+    cuts them).
 
     Each finished trajectory is checkpointed to ``<path>.partial.npz``; an interrupted run resumes there if
     its settings match (otherwise it raises rather than mixing datasets).
@@ -195,7 +198,8 @@ def generate_dataset(path: str | os.PathLike, episodes: int = 100, seed: int = 0
     if start_variance is None and env_id == envs.CARTPOLE_ID:
         start_variance = 0.04
     meta = {"env_id": env_id, "env_spec": _spec_json(env), "start_variance": start_variance, "seed": seed,
-            "expert": _describe(expert, config), "max_steps": max_steps}
+            "expert": _describe(expert, config) | ({"spec": expert_spec} if expert_spec else {}),
+            "max_steps": max_steps}
     path = Path(path)
     partial = path.with_name(path.name + ".partial.npz")
     states, actions, costs = [], [], []

@@ -210,10 +210,18 @@ def make_env_by_id(env_id: str, **kwargs: Any) -> Any:
 
 
 def import_simulator(spec: str) -> Simulator:
-    """The simulator query named by ``spec = "module:function"`` (the command line's ``--simulator``), in the
-    style of ``python -m`` / uvicorn's ``module:app``: ``module`` is imported with the current directory on
-    ``sys.path`` (as ``python -m`` puts it there), ``function`` may be a dotted attribute path, and the result
-    must be callable, a batched torch function ``F(x (N, n), u (N, m)) -> x' (N, n)``.
+    """The simulator query named by ``spec = "module:function"`` (the command line's ``--simulator``): a
+    batched torch function ``F(x (N, n), u (N, m)) -> x' (N, n)``; see :func:`import_callable`."""
+    return import_callable(spec, "--simulator", "a callable F(x, u) -> x'",
+                           "examples.pendulum_ifo:pendulum_step")
+
+
+def import_callable(spec: str, flag: str, what: str, example: str) -> Any:
+    """The callable named by ``spec = "module:function"`` on the command line (``flag``, e.g. ``--simulator``,
+    ``--expert``), in the style of ``python -m`` / uvicorn's ``module:app``: ``module`` is imported with the
+    current directory on ``sys.path`` (as ``python -m`` puts it there), ``function`` may be a dotted
+    attribute path, and the result must be callable (``what`` it should be, ``example`` a valid spec, both
+    for the messages).
 
     Only for names the user typed: never call it with a name read from a file. A missing colon, a module that
     is not found, a missing attribute or a non-callable raise :class:`TaskError` naming the problem; an
@@ -226,24 +234,23 @@ def import_simulator(spec: str) -> Simulator:
     module_name, colon, attr = (spec or "").partition(":")
     module_name, attr = module_name.strip(), attr.strip()
     if not colon or not module_name or not attr:
-        raise TaskError(f"--simulator {spec!r} is not of the form module:function (e.g. "
-                        "examples.pendulum_ifo:pendulum_step)")
+        raise TaskError(f"{flag} {spec!r} is not of the form module:function (e.g. {example})")
     if os.getcwd() not in sys.path and "" not in sys.path:  # the console script lacks it; python -m has it
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
-            raise TaskError(f"--simulator {spec!r}: module {module_name!r} not found (searched the current "
+            raise TaskError(f"{flag} {spec!r}: module {module_name!r} not found (searched the current "
                             f"directory {os.getcwd()} and the installed packages)") from err
-        raise TaskError(f"--simulator {spec!r}: importing {module_name!r} failed: {err}") from err
+        raise TaskError(f"{flag} {spec!r}: importing {module_name!r} failed: {err}") from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise TaskError(f"--simulator {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise TaskError(f"{flag} {spec!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TaskError(f"--simulator {spec!r} is a {type(obj).__name__}, not a callable F(x, u) -> x'")
+        raise TaskError(f"{flag} {spec!r} is a {type(obj).__name__}, not {what}")
     return obj
 
 

@@ -67,7 +67,7 @@ FIGURES: dict[str, Figure] = {
         ["examples/pendulum_ifo.py", "--out", "{out}"],
         {"results.json": "pendulum_ifo_results.json",
          "pendulum_side_by_side.mp4": "pendulum_side_by_side.mp4"},
-        minutes="~15 (expert data ~11, IfO + BC + BCO on Pendulum-v1, evaluation, video)"),
+        minutes="~3 (expert data ~0.3, IfO + BC + BCO on Pendulum-v1 ~2, evaluation, video)"),
     # reads the pendulum_ifo run above (run that entry first)
     "pendulum_ifo_diagnosis": Figure(
         ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo", "--out", "{out}"],
@@ -77,24 +77,24 @@ FIGURES: dict[str, Figure] = {
     "pendulum_ifo_seeds": Figure(
         ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10"],
         {"results.json": "pendulum_ifo_seeds.json"},
-        minutes="~30 (expert data ~11, then ~1 CPU min per training seed: IfO + BC + BCO + evaluation)"),
+        minutes="~16 (expert data ~0.3, then ~1.5 CPU min per training seed: IfO + BC + BCO + evaluation)"),
     # ablations of the cost learning (same expert data, seeds and evaluation episodes as the entry above):
     # the squared-chord angle term (the default before issue 15's last session) at 128 and at 32 expert
     # pairs per cost step (the settings of before), and 32 with IfOConfig.cost_restarts = 3
     "pendulum_ifo_seeds_chord": Figure(
         ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--circle-distance", "chord"],
         {"results.json": "pendulum_ifo_seeds_chord.json"},
-        minutes="~30 (expert data ~11, then ~1.5 CPU min per training seed)"),
+        minutes="~16 (expert data ~0.3, then ~1.5 CPU min per training seed)"),
     "pendulum_ifo_seeds_batch32": Figure(
         ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--circle-distance", "chord",
          "--cost-batch", "32"],
         {"results.json": "pendulum_ifo_seeds_batch32.json"},
-        minutes="~25 (expert data ~11, then ~1 CPU min per training seed)"),
+        minutes="~10 (expert data ~0.3, then ~1 CPU min per training seed)"),
     "pendulum_ifo_seeds_batch32_restarts": Figure(
         ["examples/pendulum_ifo.py", "--out", "{out}", "--seeds", "10", "--circle-distance", "chord",
          "--cost-batch", "32", "--cost-restarts", "3"],
         {"results.json": "pendulum_ifo_seeds_batch32_restarts.json"},
-        minutes="~40 (expert data ~11, then ~2 CPU min per training seed)"),
+        minutes="~18 (expert data ~0.3, then ~1.7 CPU min per training seed)"),
     # reads seed 2 of the batch-32 entry above (a seed where MPC_IFT fails): which learned part is wrong
     "pendulum_ifo_diagnosis_seed2": Figure(
         ["examples/pendulum_ifo_diagnose.py", "--run", "runs/figures/pendulum_ifo_seeds_batch32/seed_2",

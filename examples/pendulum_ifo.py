@@ -64,6 +64,14 @@ def pendulum_cost(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return th**2 + 0.1 * x[:, 2] ** 2 + 0.001 * u[:, 0].clamp(-MAX_TORQUE, MAX_TORQUE) ** 2
 
 
+def make_expert(env: gym.Env, horizon: int = 20, n_samples: int = 200, seed: int = 0) -> MPCPolicy:
+    """The expert: an :class:`agents.MPCPolicy` on Pendulum-v1's true dynamics and cost, sampling only (CEM
+    ``n_samples`` × 4, no Newton refinement). Also the command line's expert:
+    ``diffmpc dataset --env Pendulum-v1 --expert examples.pendulum_ifo:make_expert``."""
+    return MPCPolicy(dynamics=pendulum_step, cost=pendulum_cost, horizon=horizon, env=env, refine=False,
+                     sampler="cem", n_samples=n_samples, cem_iterations=4, seed=seed)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/pendulum_ifo")
@@ -195,8 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     # state_dim 3, action_dim 1, |u| <= 2; observation (cos θ, sin θ, θ̇): one (cos, sin) pair
     task = Task.from_env(env, circle_dims=[] if args.no_circle else [(0, 1)])
     n_samples = 32 if args.smoke else 200
-    expert = MPCPolicy(dynamics=pendulum_step, cost=pendulum_cost, horizon=args.horizon, env=env,
-                       refine=False, sampler="cem", n_samples=n_samples, cem_iterations=4, seed=args.seed)
+    expert = make_expert(env, horizon=args.horizon, n_samples=n_samples, seed=args.seed)
     episodes = 2 if args.smoke else args.episodes
     t0 = time.perf_counter()
     path = out / "expert_pendulum.npz"

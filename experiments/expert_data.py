@@ -13,39 +13,70 @@ from agents.expert import PLANNERS, ExpertConfig
 
 def _expert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default="diffmpc/CartPoleSwingUp-v0", help="Gymnasium env id")
-    p.add_argument("--planner", choices=PLANNERS, default="rs",
-                   help="rs: the paper's random shooting (default); cem: warm-started cross-entropy method")
-    p.add_argument("--horizon", type=int, default=10)
-    p.add_argument("--samples", type=int, default=None, help="particles (default: 1000 for rs, 500 for cem)")
-    p.add_argument("--elites", type=int, default=50, help="CEM elites")
-    p.add_argument("--iterations", type=int, default=5, help="CEM rounds")
-    p.add_argument("--start-variance", type=float, default=0.04, help="x0 ~ N(0, v·I) (paper: 0.04, 0.08)")
-    p.add_argument("--backend", choices=("eager", "compile"), default="eager",
-                   help="compile: torch.compile the rollout (slow to compile, faster per action)")
+    p.add_argument("--expert", default=None, metavar="MODULE:FUNCTION",
+                   help="your expert for any env: FUNCTION(env) returns a policy (an agents.MPCPolicy on "
+                        "your model, or any callable obs -> action), imported with the current directory on "
+                        "the path, e.g. examples.pendulum_ifo:make_expert; default: the cart-pole sampling "
+                        "expert below")
+    cartpole = p.add_argument_group("the built-in cart-pole sampling expert (not with --expert)")
+    cartpole.add_argument("--planner", choices=PLANNERS, default=None,
+                          help="rs: the paper's random shooting (default); cem: warm-started cross-entropy "
+                               "method")
+    cartpole.add_argument("--horizon", type=int, default=None, help="default 10")
+    cartpole.add_argument("--samples", type=int, default=None,
+                          help="particles (default: 1000 for rs, 500 for cem)")
+    cartpole.add_argument("--elites", type=int, default=None, help="CEM elites (default 50)")
+    cartpole.add_argument("--iterations", type=int, default=None, help="CEM rounds (default 5)")
+    cartpole.add_argument("--start-variance", type=float, default=None,
+                          help="x0 ~ N(0, v·I) (default 0.04; paper: 0.04, 0.08)")
+    cartpole.add_argument("--backend", choices=("eager", "compile"), default=None,
+                          help="compile: torch.compile the rollout (slow to compile, faster per action)")
     p.add_argument("--seed", type=int, default=0, help="episode i uses env/expert seed SEED + i")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+_CARTPOLE_FLAGS = ("planner", "horizon", "samples", "elites", "iterations", "start_variance", "backend")
+
+
 def config_from_args(args: Any) -> ExpertConfig:
     """The :class:`agents.expert.ExpertConfig` of the parsed ``expert`` / ``dataset`` arguments."""
-    samples = args.samples if args.samples is not None else (1000 if args.planner == "rs" else 500)
-    return ExpertConfig(planner=args.planner, horizon=args.horizon, n_samples=samples,
-                        n_elites=min(args.elites, samples), cem_iterations=args.iterations,
-                        backend=args.backend)
+    planner = args.planner or "rs"
+    samples = args.samples if args.samples is not None else (1000 if planner == "rs" else 500)
+    return ExpertConfig(planner=planner, horizon=10 if args.horizon is None else args.horizon,
+                        n_samples=samples, n_elites=min(50 if args.elites is None else args.elites, samples),
+                        cem_iterations=5 if args.iterations is None else args.iterations,
+                        backend=args.backend or "eager")
 
 
-def _check_plannable(env_id: str) -> None:
-    """The sampling expert plans on the cart-pole's true model: refuse another env before any work."""
+def _user_expert(args: Any) -> Any:
+    """``--expert module:function``: the env (``--env``, any registered id) and ``function(env)``, the
+    policy; ``None`` without ``--expert`` (the cart-pole sampling expert, which plans on the cart-pole's
+    true model only: another env is refused before any work, naming the flag that is missing)."""
     import envs
+    from agents.expert import make_env
+    from agents.task import import_callable
     from diffmpc.errors import BadArgumentError
 
-    if env_id != envs.CARTPOLE_ID:
-        raise BadArgumentError(f"--env {env_id}: the sampling expert plans with the cart-pole's true model "
-                               f"and cannot plan for it; use --env {envs.CARTPOLE_ID}, or write the dataset "
-                               "from Python with any expert: agents.dataset.generate_dataset(path, "
-                               "expert=..., env=...), e.g. an agents.MPCPolicy on a model of that env "
-                               "(docs/own_env.md)")
+    if args.expert is None:
+        if args.env != envs.CARTPOLE_ID:
+            raise BadArgumentError(
+                f"--env {args.env}: the built-in sampling expert plans with the cart-pole's true model and "
+                f"cannot plan for it; pass your expert: --expert module:function, where function(env) "
+                "returns a policy (e.g. examples.pendulum_ifo:make_expert; docs/own_env.md)")
+        return None
+    given = [f"--{k.replace('_', '-')}" for k in _CARTPOLE_FLAGS if getattr(args, k) is not None]
+    if given:
+        raise BadArgumentError(f"{', '.join(given)} configure the built-in cart-pole expert, not --expert "
+                               f"{args.expert}; set your expert's options in its function")
+    factory = import_callable(args.expert, "--expert", "a function env -> policy",
+                              "examples.pendulum_ifo:make_expert")
+    env = make_env(args.env)
+    policy = factory(env)
+    if not callable(policy) and not hasattr(policy, "act"):
+        raise BadArgumentError(f"--expert {args.expert} returned a {type(policy).__name__}, not a policy (an "
+                               "agents.MPCPolicy or a callable obs -> action)")
+    return env, policy
 
 
 def run_expert(args: Any) -> int:
@@ -55,14 +86,22 @@ def run_expert(args: Any) -> int:
     from diffmpc.io import write_results
 
     check_int("--episodes", args.episodes, 1)
-    _check_plannable(args.env)
-    config = config_from_args(args)
+    user = _user_expert(args)
     t0 = time.perf_counter()
-    res = evaluate_expert(SamplingExpert(config), episodes=args.episodes, seed=args.seed,
-                          start_variance=args.start_variance, env_id=args.env, progress=not args.no_progress)
-    res.update(env=args.env, wall_time_s=time.perf_counter() - t0, command="expert")
+    if user is None:
+        config = config_from_args(args)
+        name = config.planner
+        res = evaluate_expert(SamplingExpert(config), episodes=args.episodes, seed=args.seed,
+                              start_variance=args.start_variance, env_id=args.env,
+                              progress=not args.no_progress)
+    else:
+        name = args.expert
+        res = evaluate_expert(user[1], episodes=args.episodes, seed=args.seed, env=user[0],
+                              progress=not args.no_progress)
+        user[0].close()
+    res.update(env=args.env, expert=args.expert, wall_time_s=time.perf_counter() - t0, command="expert")
     path = write_results(args.out, res)
-    print(f"{config.planner} expert: mean episode cost {res['mean_cost']:.3f} ± {res['stderr']:.3f} (s.e.) "
+    print(f"{name} expert: mean episode cost {res['mean_cost']:.3f} ± {res['stderr']:.3f} (s.e.) "
           f"over "
           f"{args.episodes} episodes, {res['latency_median_ms']:.1f} ms/action (median) -> {path}")
     return 0
@@ -75,20 +114,29 @@ def run_dataset(args: Any) -> int:
     from diffmpc.io import write_results
 
     check_int("--episodes", args.episodes, 1)
-    _check_plannable(args.env)
-    config = config_from_args(args)
+    check_int("--max-steps", args.max_steps, 1, allow_none=True)
+    user = _user_expert(args)
     out = Path(args.out)
-    target = out / args.name
+    target = out / (args.name or ("expert_cartpole.npz" if user is None else "expert.npz"))
     t0 = time.perf_counter()
-    data = generate_dataset(target, episodes=args.episodes, seed=args.seed,
-                            start_variance=args.start_variance, config=config,
-                            progress=not args.no_progress, resume=not args.no_resume,
-                            env_id=args.env)
+    if user is None:
+        config = config_from_args(args)
+        data = generate_dataset(target, episodes=args.episodes, seed=args.seed,
+                                start_variance=args.start_variance, config=config,
+                                progress=not args.no_progress, resume=not args.no_resume,
+                                env_id=args.env, max_steps=args.max_steps)
+    else:
+        config = None
+        data = generate_dataset(target, episodes=args.episodes, seed=args.seed, expert=user[1], env=user[0],
+                                progress=not args.no_progress, resume=not args.no_resume,
+                                max_steps=args.max_steps, expert_spec=args.expert)
+        user[0].close()
     costs = data.episode_costs
     res = {"command": "dataset", "path": str(target), "episodes": data.episodes, "steps": data.steps,
            "mean_cost": float(costs.mean()), "stderr": float(costs.std(ddof=1) / len(costs) ** 0.5)
            if len(costs) > 1 else float("nan"), "episode_costs": costs.tolist(), "seed": args.seed,
-           "expert": asdict(config), "wall_time_s": time.perf_counter() - t0, "meta": data.meta}
+           "expert": asdict(config) if config is not None else args.expert,
+           "wall_time_s": time.perf_counter() - t0, "meta": data.meta}
     path = write_results(out, res)
     print(f"wrote {data.episodes} trajectories x {data.steps} steps to {target} (mean expert cost "
           f"{res['mean_cost']:.3f}) -> {path}")
@@ -106,6 +154,9 @@ def register(subparsers: Any) -> None:
                               description="Roll expert trajectories, save them (format v1).")
     _expert_args(d)
     d.add_argument("--episodes", type=int, default=100, help="trajectories (the paper: 100 x 40 steps)")
-    d.add_argument("--name", default="expert_cartpole.npz", help="file name under --out")
+    d.add_argument("--name", default=None,
+                   help="file name under --out (default: expert_cartpole.npz, with --expert expert.npz)")
+    d.add_argument("--max-steps", type=int, default=None,
+                   help="cut every episode after N steps (default: the env's time limit)")
     d.add_argument("--no-resume", action="store_true", help="ignore a checkpoint from an interrupted run")
     d.set_defaults(handler=run_dataset)

@@ -28,8 +28,9 @@ def at_repo_root(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pendulum_data(tmp_path_factory) -> Path:
-    """Pendulum-v1 expert states written by the Python API (the CLI's `dataset` plans for the cart-pole
-    only): a short-horizon CEM MPCPolicy on the true dynamics, 2 episodes of 10 steps."""
+    """Pendulum-v1 expert states written by the Python API (`diffmpc dataset --expert` does the same from
+    the command line, tested below): a short-horizon CEM MPCPolicy on the true dynamics, 2 episodes of 10
+    steps."""
     from agents import MPCPolicy
     from agents.dataset import generate_dataset
     from examples.pendulum_ifo import pendulum_cost, pendulum_step
@@ -242,3 +243,44 @@ def test_the_documented_cli_command_trains_the_pendulum_example_settings():
     items = command.split("--set", 1)[1].split()
     assert ifo_config("quick", cost_init="expert_mean", overrides=items) == \
         example["ifo_settings"](example["parse"]([]))
+
+
+def small_pendulum_expert(env):
+    """A cheap expert for the tests: the example's make_expert with a short horizon and few samples."""
+    from examples.pendulum_ifo import make_expert
+
+    return make_expert(env, horizon=5, n_samples=16)
+
+
+def test_dataset_and_expert_take_your_expert_for_any_env(tmp_path, capsys):
+    """`diffmpc dataset --env Pendulum-v1 --expert module:function` writes the same states as
+    generate_dataset(expert=function(env)) from Python, records the spec (a resume with another expert is
+    refused by the metadata check), and `expert --expert` evaluates it; a missing --expert names the flag,
+    cart-pole planner flags beside --expert and a non-callable are refused (exit 2) before any work."""
+    from agents.dataset import generate_dataset, load_dataset
+
+    spec = "tests.test_cli_any_env:small_pendulum_expert"
+    out = tmp_path / "cli"
+    argv = ["dataset", "--env", "Pendulum-v1", "--expert", spec, "--episodes", "2", "--max-steps", "6",
+            "--seed", "3", "--out", str(out), "--no-progress"]
+    assert cli_main(argv) == 0
+    data = load_dataset(out / "expert.npz", expect={"env_id": "Pendulum-v1", "episodes": 2})
+    assert data.steps == 6 and data.meta["expert"]["spec"] == spec
+    env = gym.make("Pendulum-v1")
+    ref = generate_dataset(tmp_path / "py.npz", episodes=2, seed=3, expert=small_pendulum_expert(env),
+                           env=env, max_steps=6, progress=False)
+    assert (data.states == ref.states).all() and data.states.shape == (2, 7, 3)
+
+    assert cli_main(["expert", "--env", "Pendulum-v1", "--expert", spec, "--episodes", "1", "--out",
+                     str(tmp_path / "ev"), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["expert"] == spec and len(res["episode_costs"]) == 1
+    capsys.readouterr()
+    for extra, needle in (([], "pass your expert: --expert module:function"),
+                          (["--expert", spec, "--planner", "cem"], "--planner configure the built-in"),
+                          (["--expert", "examples.pendulum_ifo:ENV_ID"],
+                           "is a str, not a function env -> policy"),
+                          (["--expert", "nocolon"], "is not of the form module:function")):
+        assert cli_main(["dataset", "--env", "Pendulum-v1", "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert needle in capsys.readouterr().err
+    assert not list((tmp_path / "bad").rglob("*.npz"))  # refused before any episode
