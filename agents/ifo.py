@@ -186,15 +186,13 @@ class IfOConfig:
                     value: Any = tuple(int(t) for t in text.split(",") if t.strip())
                 elif key == "sampler":
                     value = None if text.lower() == "none" else text
-                elif isinstance(current, bool):
-                    value = {"true": True, "false": False}[text.lower()]
                 elif isinstance(current, int):
                     value = int(text)
                 elif isinstance(current, float):
                     value = float(text)
                 else:
                     value = text
-            except (ValueError, KeyError):
+            except ValueError:
                 raise BadArgumentError(f"--set {item!r}: {text!r} is not a valid {type(current).__name__} "
                                        f"for {key}") from None
             changes[key] = value

@@ -40,13 +40,16 @@ _CARTPOLE_FLAGS = ("planner", "horizon", "samples", "elites", "iterations", "sta
 
 
 def config_from_args(args: Any) -> ExpertConfig:
-    """The :class:`agents.expert.ExpertConfig` of the parsed ``expert`` / ``dataset`` arguments."""
-    planner = args.planner or "rs"
+    """The :class:`agents.expert.ExpertConfig` of the parsed ``expert`` / ``dataset`` arguments (a flag not
+    given: the config's default; ``--samples``: 1000 for rs, 500 for cem)."""
+    from dataclasses import replace
+
+    planner = args.planner or ExpertConfig.planner
     samples = args.samples if args.samples is not None else (1000 if planner == "rs" else 500)
-    return ExpertConfig(planner=planner, horizon=10 if args.horizon is None else args.horizon,
-                        n_samples=samples, n_elites=min(50 if args.elites is None else args.elites, samples),
-                        cem_iterations=5 if args.iterations is None else args.iterations,
-                        backend=args.backend or "eager")
+    elites = min(ExpertConfig.n_elites if args.elites is None else args.elites, samples)
+    given = {"horizon": args.horizon, "cem_iterations": args.iterations, "backend": args.backend}
+    return replace(ExpertConfig(), planner=planner, n_samples=samples, n_elites=elites,
+                   **{k: v for k, v in given.items() if v is not None})
 
 
 def _user_expert(args: Any) -> Any:

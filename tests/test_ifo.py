@@ -555,6 +555,21 @@ def test_two_dimensional_actions_end_to_end():
     assert bco.policy(x[:5]).shape == (5, 2)
 
 
+def _circle_cost_gradcheck(x: torch.Tensor, distance: str) -> bool:
+    """float64 gradcheck of a CircleTargetCost's value at ``x`` in its parameters (angle 0.7, plain target
+    0.3, weight logits (0.4, −0.2))."""
+
+    def f(angle, plain, w_raw):
+        c = CircleTargetCost(3, ((0, 1),), angle.detach(), plain.detach(), distance=distance)
+        del c.angle, c.plain_target, c.w_raw
+        c.angle, c.plain_target, c.w_raw = angle, plain, w_raw
+        return c(x)
+
+    params = (torch.tensor([0.7]).double().requires_grad_(), torch.tensor([0.3]).double().requires_grad_(),
+              torch.tensor([0.4, -0.2]).double().requires_grad_())
+    return torch.autograd.gradcheck(f, params)
+
+
 def test_circle_target_cost_is_the_angle_cost_on_valid_observations():
     """On (cos φ, sin φ, v) the cost is 2 w_p (1 − cos(φ − φ̄)) + w_v (v − v̄)² (monotone in |φ − φ̄|), and its
     gradients in the parameters match finite differences (float64 gradcheck)."""
@@ -571,15 +586,7 @@ def test_circle_target_cost_is_the_angle_cost_on_valid_observations():
     assert torch.allclose(cost.target.detach()[:2], torch.tensor([math.cos(0.7), math.sin(0.7)]).double())
     assert cost.weights[0] == cost.weights[1]  # one weight for the pair
 
-    def f(angle, plain, w_raw):
-        c = CircleTargetCost(3, ((0, 1),), angle.detach(), plain.detach())
-        del c.angle, c.plain_target, c.w_raw
-        c.angle, c.plain_target, c.w_raw = angle, plain, w_raw
-        return c(x)
-
-    params = (torch.tensor([0.7]).double().requires_grad_(), torch.tensor([0.3]).double().requires_grad_(),
-              torch.tensor([0.4, -0.2]).double().requires_grad_())
-    assert torch.autograd.gradcheck(f, params)
+    assert _circle_cost_gradcheck(x, "chord")
 
 
 def test_circle_target_cost_geodesic_is_the_squared_wrapped_angle():
@@ -599,15 +606,7 @@ def test_circle_target_cost_geodesic_is_the_squared_wrapped_angle():
     wrapped = (phi - 0.7 + math.pi).remainder(2 * math.pi) - math.pi
     torch.testing.assert_close(cost(x).detach(), w[0] * wrapped**2 + w[1] * (v - 0.3) ** 2)
 
-    def f(angle, plain, w_raw):
-        c = CircleTargetCost(3, ((0, 1),), angle.detach(), plain.detach(), distance="geodesic")
-        del c.angle, c.plain_target, c.w_raw
-        c.angle, c.plain_target, c.w_raw = angle, plain, w_raw
-        return c(x)
-
-    params = (torch.tensor([0.7]).double().requires_grad_(), torch.tensor([0.3]).double().requires_grad_(),
-              torch.tensor([0.4, -0.2]).double().requires_grad_())
-    assert torch.autograd.gradcheck(f, params)
+    assert _circle_cost_gradcheck(x, "geodesic")
     cfg = replace(TINY, circle_distance="geodesic")
     assert IfOConfig.from_dict(cfg.to_dict()) == cfg and "circle_distance" not in TINY.to_dict()
     t = Task.from_env("Pendulum-v1", circle_dims=[(0, 1)])
